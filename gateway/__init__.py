@@ -1,0 +1,3 @@
+"""An OpenAI-compatible policy gateway."""
+
+__version__ = "0.1.0"

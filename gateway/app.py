@@ -1,0 +1,213 @@
+"""create_app(config) -> a Starlette app: routes, lifespan, error rendering. No business logic here."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gateway.config.schema import GatewayConfig, UpstreamConfig
+from gateway.context import CHAT_COMPLETIONS, EMBEDDINGS, Endpoint
+from gateway.errors import GatewayError, MethodNotAllowed, ModelNotFound, NotFound
+from gateway.metrics import Metrics
+from gateway.pipeline import Stage, build_pipeline
+from gateway.pipeline.auth import Authenticate, KeyIndex
+from gateway.pipeline.forward import Forward
+from gateway.pipeline.parse import ParseBody
+from gateway.pipeline.policy import ModelAccess
+from gateway.proxy import ProxyEndpoint
+from gateway.routing import Router
+from gateway.store import Store, StoreError, open_store
+from gateway.upstream.aiohttp_transport import AiohttpTransport
+from gateway.upstream.client import UpstreamClient
+from gateway.upstream.providers import provider_for
+from gateway.upstream.transport import Transport
+
+logger = logging.getLogger("gateway")
+
+TransportFactory = Callable[[str, UpstreamConfig], Transport]
+_SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def default_transport(name: str, config: UpstreamConfig) -> Transport:
+    return AiohttpTransport(max_connections=config.max_connections)
+
+
+class RequestIdMiddleware:
+    """Give every response an `x-request-id`: the caller's if it is sane, else a new one."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = None
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                candidate = value.decode("latin-1")
+                request_id = candidate if _SAFE_REQUEST_ID.fullmatch(candidate) else None
+                break
+        request_id = request_id or "req_" + os.urandom(12).hex()
+        scope.setdefault("state", {})["request_id"] = request_id
+        header = (b"x-request-id", request_id.encode())
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), header]
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+@dataclass(slots=True)
+class Services:
+    """Everything the app builds at start-up and closes at shutdown."""
+
+    config: GatewayConfig
+    keys: KeyIndex
+    router: Router
+    metrics: Metrics
+    store: Store
+    clients: dict[str, UpstreamClient]
+
+
+def _error_response(error: GatewayError) -> Response:
+    return Response(error.body(), error.status, error.response_headers(), media_type="application/json")
+
+
+async def _http_exception(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 405:
+        return _error_response(MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}."))
+    if exc.status_code == 404:
+        return _error_response(NotFound(f"Unknown request URL: {request.method} {request.url.path}."))
+    return _error_response(GatewayError(str(exc.detail), status=exc.status_code, code="http_error"))
+
+
+async def _gateway_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, GatewayError)
+    return _error_response(exc)
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    request_id = request.scope.get("state", {}).get("request_id")
+    logger.exception("unhandled error", extra={"request_id": request_id})
+    return _error_response(
+        GatewayError(f"The gateway failed unexpectedly; quote request id {request_id} when reporting it.")
+    )
+
+
+def _warn_about_config(config: GatewayConfig) -> None:
+    for name, upstream in config.upstreams.items():
+        if not upstream.api_key.get_secret_value() and "://127.0.0.1" not in upstream.base_url:
+            hint = "OPENAI_API_KEY" if upstream.kind == "openai" else "AZURE_OPENAI_API_KEY"
+            logger.warning(
+                "upstream %r has no api_key: its requests will fail with upstream_auth_failed. "
+                "Set it (for example `export %s=sk-...`) or try `make demo`, which uses the built-in mock.",
+                name,
+                hint,
+            )
+    if not config.tenants:
+        logger.warning("no tenants are configured: every API request will get 401")
+
+
+def create_app(
+    config: GatewayConfig,
+    *,
+    transport_factory: TransportFactory = default_transport,
+    metrics: Metrics | None = None,
+    store: Store | None = None,
+) -> Starlette:
+    router = Router(config)
+    services = Services(
+        config=config,
+        keys=KeyIndex(config),
+        router=router,
+        metrics=metrics or Metrics(),
+        store=store or open_store(config.store.url),
+        clients={},
+    )
+    models = frozenset(router.models)
+
+    def proxy(endpoint: Endpoint) -> ProxyEndpoint:
+        stages: list[Stage] = [Authenticate(services.keys), ParseBody(), ModelAccess(router)]
+        handler = build_pipeline(stages, Forward(router, services.clients))
+        return ProxyEndpoint(endpoint, handler, services.metrics, config.server.max_body_bytes, models)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        _warn_about_config(config)
+        for name, upstream in config.upstreams.items():
+            services.clients[name] = UpstreamClient(
+                name, upstream, provider_for(upstream), transport_factory(name, upstream)
+            )
+        try:
+            yield
+        finally:
+            for client in services.clients.values():
+                await client.transport.aclose()
+            await services.store.aclose()
+
+    async def list_models(request: Request) -> Response:
+        principal = services.keys.authenticate(request.headers.get("authorization"))
+        data = [
+            {"id": name, "object": "model", "created": 0, "owned_by": config.models[name].upstream}
+            for name in router.models
+            if principal.policy.allows_model(name)
+        ]
+        return JSONResponse({"object": "list", "data": data})
+
+    async def get_model(request: Request) -> Response:
+        principal = services.keys.authenticate(request.headers.get("authorization"))
+        name = request.path_params["model"]
+        if name not in router or not principal.policy.allows_model(name):
+            raise ModelNotFound(name)
+        return JSONResponse({"id": name, "object": "model", "created": 0, "owned_by": config.models[name].upstream})
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        try:
+            await services.store.ping()
+        except StoreError as exc:
+            return JSONResponse({"status": "unavailable", "store": str(exc)}, status_code=503)
+        return JSONResponse({"status": "ready", "store": services.store.url, "models": len(router.models)})
+
+    async def metrics_endpoint(request: Request) -> Response:
+        return Response(generate_latest(services.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    app = Starlette(
+        routes=[
+            Route("/v1/chat/completions", proxy(CHAT_COMPLETIONS), methods=["POST"]),
+            Route("/v1/embeddings", proxy(EMBEDDINGS), methods=["POST"]),
+            Route("/v1/models", list_models, methods=["GET"]),
+            Route("/v1/models/{model:path}", get_model, methods=["GET"]),
+            Route("/healthz", healthz, methods=["GET"]),
+            Route("/readyz", readyz, methods=["GET"]),
+            Route("/metrics", metrics_endpoint, methods=["GET"]),
+        ],
+        exception_handlers={
+            HTTPException: _http_exception,
+            GatewayError: _gateway_error,
+            Exception: _unexpected,
+        },
+        middleware=[Middleware(RequestIdMiddleware)],
+        lifespan=lifespan,
+    )
+    app.state.services = services
+    return app

@@ -1,0 +1,163 @@
+"""Read, interpolate, validate and cross-check a config file; fail with `file:key.path: what was expected`."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from gateway.config.schema import GatewayConfig
+
+Loc = tuple[str | int, ...]
+
+_VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class ConfigError(Exception):
+    """The config is unusable; `problems` holds one `file:key.path: message` line per problem."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+def format_loc(loc: Loc) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else part
+    return out or "(top level)"
+
+
+def interpolate(value: Any, env: Mapping[str, str], loc: Loc = ()) -> Any:
+    """Replace `${VAR}` and `${VAR:-default}` in every string scalar; `$$` is a literal `$`.
+
+    Interpolating after YAML parsing (not on the raw text) means a variable's value can never
+    change the document's structure.
+    """
+    if isinstance(value, dict):
+        return {key: interpolate(item, env, (*loc, str(key))) for key, item in value.items()}
+    if isinstance(value, list):
+        return [interpolate(item, env, (*loc, index)) for index, item in enumerate(value)]
+    if not isinstance(value, str) or "$" not in value:
+        return value
+
+    def substitute(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name, default = match.group(1), match.group(2)
+        if name in env:
+            return env[name]
+        if default is not None:
+            return default
+        raise _UnsetVariable(loc, name)
+
+    return _VAR.sub(substitute, value)
+
+
+class _UnsetVariable(Exception):
+    def __init__(self, loc: Loc, name: str) -> None:
+        self.loc, self.name = loc, name
+
+
+def _reference_problems(config: GatewayConfig) -> Iterator[tuple[Loc, str]]:
+    yield from _model_problems(config)
+    yield from _policy_problems(config)
+    yield from _tenant_problems(config)
+
+
+def _model_problems(config: GatewayConfig) -> Iterator[tuple[Loc, str]]:
+    for name, model in config.models.items():
+        if model.upstream not in config.upstreams:
+            known = ", ".join(sorted(config.upstreams)) or "none defined"
+            yield ("models", name, "upstream"), f"unknown upstream {model.upstream!r} (known: {known})"
+        for index, fallback in enumerate(model.fallbacks):
+            if fallback not in config.models:
+                yield ("models", name, "fallbacks", index), f"unknown model {fallback!r}"
+            elif fallback == name:
+                yield ("models", name, "fallbacks", index), "a model cannot fall back to itself"
+
+
+def _policy_problems(config: GatewayConfig) -> Iterator[tuple[Loc, str]]:
+    for name, policy in config.policies.items():
+        for index, allowed in enumerate(policy.models):
+            if allowed != "*" and allowed not in config.models:
+                yield ("policies", name, "models", index), f"unknown model {allowed!r}"
+
+
+def _tenant_problems(config: GatewayConfig) -> Iterator[tuple[Loc, str]]:
+    seen_ids: dict[str, Loc] = {}
+    seen_hashes: set[str] = set()
+    for tenant_name, tenant in config.tenants.items():
+        if tenant.policy not in config.policies:
+            known = ", ".join(sorted(config.policies))
+            yield ("tenants", tenant_name, "policy"), f"unknown policy {tenant.policy!r} (known: {known})"
+        for index, key in enumerate(tenant.api_keys):
+            loc: Loc = ("tenants", tenant_name, "api_keys", index)
+            if key.id in seen_ids:
+                yield (*loc, "id"), f"duplicate key id {key.id!r} (also at {format_loc(seen_ids[key.id])})"
+            seen_ids[key.id] = loc
+            digest = key.sha256 or ""
+            if digest and digest in seen_hashes:
+                yield (*loc, "sha256"), "the same key is configured twice"
+            seen_hashes.add(digest)
+
+
+def parse_config(data: Any, source: str, env: Mapping[str, str] | None = None) -> GatewayConfig:
+    """Validate an already-parsed YAML document; `source` names it in error messages."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"{source}: expected a mapping at the top level, got {type(data).__name__}"])
+    try:
+        data = interpolate(data, os.environ if env is None else env)
+    except _UnsetVariable as unset:
+        raise ConfigError(
+            [
+                f"{source}:{format_loc(unset.loc)}: environment variable {unset.name} is not set "
+                f"(set it, or give a default with ${{{unset.name}:-default}})"
+            ]
+        ) from None
+    try:
+        config = GatewayConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            loc = tuple(part for part in error["loc"] if not str(part).startswith("function-"))
+            message = error["msg"].removeprefix("Value error, ")
+            if error["type"] == "extra_forbidden":
+                message = "unknown key (check its spelling; see docs/config.md)"
+            problems.append(f"{source}:{format_loc(loc)}: {message}")
+        raise ConfigError(problems) from None
+    problems = [f"{source}:{format_loc(loc)}: {message}" for loc, message in _reference_problems(config)]
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> GatewayConfig:
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{source}: cannot read the config file: {exc.strerror or exc}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([f"{source}{where}: invalid YAML: {problem}"]) from None
+    return parse_config(data, source, env)
+
+
+def default_config_path(env: Mapping[str, str] | None = None) -> str:
+    env = os.environ if env is None else env
+    return env.get("GATEWAY_CONFIG") or "config/gateway.yaml"

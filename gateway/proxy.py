@@ -1,0 +1,186 @@
+"""The ASGI endpoint for proxied operations: read the body, run the pipeline, send the answer.
+
+Written against raw ASGI rather than Starlette's Request/Response because it is the hot path and
+because it must watch for the client going away while the upstream works: a disconnect cancels the
+request at once, which closes the upstream connection too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.types import Receive, Scope, Send
+
+from gateway.context import Endpoint, Handler, ProxyRequest, ProxyResponse
+from gateway.errors import ClientDisconnected, GatewayError, InvalidRequest, RequestTooLarge
+from gateway.metrics import Metrics
+
+
+class _DisconnectWatcher:
+    """Cancels `task` if the client disconnects before `done()` is called."""
+
+    __slots__ = ("_done", "_task", "disconnected")
+
+    def __init__(self, receive: Receive, task: asyncio.Task[object]) -> None:
+        self.disconnected = False
+        self._done = False
+        self._task = asyncio.ensure_future(self._watch(receive, task))
+
+    async def _watch(self, receive: Receive, task: asyncio.Task[object]) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                # After a complete response uvicorn also reports "disconnect": that one is not news.
+                if not self._done:
+                    self.disconnected = True
+                    task.cancel()
+                return
+
+    def done(self) -> None:
+        self._done = True
+        self._task.cancel()
+
+
+async def read_body(receive: Receive, limit: int, content_length: str | None) -> bytes:
+    if content_length is not None:
+        try:
+            declared = int(content_length)
+        except ValueError:
+            raise InvalidRequest("The Content-Length header is not a number.") from None
+        if declared > limit:
+            raise RequestTooLarge(f"The request body is {declared} bytes; this gateway accepts at most {limit}.")
+    chunks = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnected
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise RequestTooLarge(f"The request body is over {limit} bytes, the most this gateway accepts.")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _encode_headers(headers: dict[str, str], content_type: str) -> list[tuple[bytes, bytes]]:
+    raw = [(b"content-type", content_type.encode("latin-1"))]
+    raw.extend((name.encode("latin-1"), value.encode("latin-1")) for name, value in headers.items())
+    return raw
+
+
+async def send_error(send: Send, error: GatewayError) -> None:
+    body = error.body()
+    headers = _encode_headers(error.response_headers(), "application/json")
+    headers.append((b"content-length", str(len(body)).encode()))
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class ProxyEndpoint:
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        handler: Handler,
+        metrics: Metrics,
+        max_body_bytes: int,
+        models: frozenset[str],
+    ) -> None:
+        self._endpoint = endpoint
+        self._handler = handler
+        self._metrics = metrics
+        self._max_body_bytes = max_body_bytes
+        self._models = models
+        # Resolving label values costs ~10 µs a call: do it once per label set, not per request.
+        self._duration = metrics.request_duration.labels(endpoint.name)
+        self._overhead = metrics.overhead.labels(endpoint.name)
+        self._disconnects = metrics.client_disconnects.labels(endpoint.name)
+        self._requests: dict[tuple[str, int], Any] = {}
+        self._upstream_duration: dict[str, Any] = {}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
+        headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]}
+        request = ProxyRequest(scope["state"]["request_id"], self._endpoint, b"", headers, started)
+        metrics = self._metrics
+        metrics.in_flight.inc()
+        status = 499  # nginx's "client closed request", for metrics only
+        task = asyncio.current_task()
+        assert task is not None
+        watcher: _DisconnectWatcher | None = None
+        try:
+            request.raw_body = await read_body(receive, self._max_body_bytes, headers.get("content-length"))
+            watcher = _DisconnectWatcher(receive, task)
+            response = await self._handler(request)
+            status = response.status
+            if response.stream is None:
+                watcher.done()
+                await self._send_body(send, response)
+                self._observe(started, response)
+            else:
+                await self._send_stream(send, response, started)
+                watcher.done()
+        except GatewayError as error:
+            status = error.status
+            if watcher is not None:
+                watcher.done()
+            await send_error(send, error)
+        except ClientDisconnected:
+            self._disconnects.inc()
+        except asyncio.CancelledError:
+            if watcher is None or not watcher.disconnected:
+                raise
+            task.uncancel()
+            status = 499
+            self._disconnects.inc()
+        finally:
+            metrics.in_flight.dec()
+            self._count(request.model, status)
+            self._duration.observe(time.perf_counter() - started)
+
+    def _count(self, model: str, status: int) -> None:
+        counter = self._requests.get((model, status))
+        if counter is None:
+            # Only configured models get their own label value: clients choose `model` freely.
+            label = model if model in self._models else "unknown"
+            counter = self._requests[(model, status)] = self._metrics.requests.labels(label, str(status))
+        counter.inc()
+
+    def _observe(self, started: float, response: ProxyResponse) -> None:
+        if response.upstream:
+            histogram = self._upstream_duration.get(response.upstream)
+            if histogram is None:
+                histogram = self._upstream_duration[response.upstream] = self._metrics.upstream_duration.labels(
+                    response.upstream
+                )
+            histogram.observe(response.upstream_seconds)
+            self._overhead.observe(max(0.0, time.perf_counter() - started - response.upstream_seconds))
+
+    async def _send_body(self, send: Send, response: ProxyResponse) -> None:
+        content_type = response.headers.pop("content-type", "application/json")
+        headers = _encode_headers(response.headers, content_type)
+        headers.append((b"content-length", str(len(response.body)).encode()))
+        await send({"type": "http.response.start", "status": response.status, "headers": headers})
+        await send({"type": "http.response.body", "body": response.body})
+
+    async def _send_stream(self, send: Send, response: ProxyResponse, started: float) -> None:
+        stream: AsyncIterator[bytes] = response.stream  # type: ignore[assignment]
+        response.headers.pop("content-type", None)
+        headers = _encode_headers(response.headers, "text/event-stream; charset=utf-8")
+        headers.append((b"cache-control", b"no-cache"))
+        headers.append((b"x-accel-buffering", b"no"))  # tell nginx-style proxies not to buffer SSE
+        await send({"type": "http.response.start", "status": response.status, "headers": headers})
+        first = True
+        try:
+            async for chunk in stream:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                if first:
+                    first = False
+                    self._observe(started, response)
+            await send({"type": "http.response.body", "body": b""})
+        finally:
+            await stream.aclose()  # type: ignore[attr-defined]
