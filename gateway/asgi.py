@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from starlette.applications import Starlette
-
-from gateway.app import create_app
+from gateway.app import GatewayApp, create_app
 from gateway.config import ConfigError, default_config_path, load_config
 
 
-def app_from_env() -> Starlette:
+def app_from_env() -> GatewayApp:
     """Build the app from `$GATEWAY_CONFIG` (default config/gateway.yaml)."""
     try:
         return create_app(load_config(default_config_path()))

@@ -39,6 +39,7 @@ def _serve(args: argparse.Namespace) -> int:
         "loop": "uvloop",
         "http": "httptools",
         "timeout_graceful_shutdown": 30,
+        "proxy_headers": False,
     }
     if workers > 1:
         # Each worker process builds its own app from the same file, so it must be importable by name.

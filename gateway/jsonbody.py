@@ -36,7 +36,7 @@ def parse_object(raw: bytes) -> dict[str, Any]:
     try:
         orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        if "UTF-8" in str(exc):
+        if "not valid UTF-8" in str(exc):  # not "UTF-8 byte order mark (BOM) is not supported"
             raise InvalidRequest("The request body is not valid UTF-8.", code="invalid_utf8") from None
         raise InvalidRequest(
             f"The request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}.",

@@ -73,8 +73,9 @@ import re
 import struct
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterator, MutableMapping, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import orjson
 
@@ -98,6 +99,8 @@ MAX_RECORDED = 100
 DEFAULT_EMBEDDING_DIMENSIONS = 8
 SYSTEM_FINGERPRINT = "fp_mock"
 TOOL_FRAGMENT_CHARS = 4
+_CACHE_ENTRIES = 256
+_CACHE_MAX_BODY = 16_384
 _MAX_SCHEMA_DEPTH = 32
 _PREFER_NULL_DEPTH = 8
 
@@ -105,6 +108,10 @@ _PIECE_RE = re.compile(r"\s*\S+")
 _JSON_HEADERS: Headers = [(b"content-type", b"application/json")]
 _SSE_HEADERS: Headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
 _DONE = b"data: [DONE]\n\n"
+_CHUNK_HEAD = (
+    b'data: {"id":"chatcmpl-mock-%d","object":"chat.completion.chunk","created":%d,"model":%s,'
+    b'"service_tier":"default","system_fingerprint":"' + SYSTEM_FINGERPRINT.encode() + b'","choices":'
+)
 _INCOMPLETE_RESPONSE_LOG = "ASGI callable returned without completing response."
 
 # status -> (error type, error code)
@@ -426,6 +433,39 @@ class _Reply:
         self.content = content
 
 
+class _Plan:
+    """A validated chat completion request: model, choices and usage."""
+
+    __slots__ = ("logprobs", "model", "n", "reply", "top_logprobs", "usage")
+
+    def __init__(self, payload: dict[str, Any], deployment: str | None, omit_usage: bool) -> None:
+        model = deployment or payload.get("model")
+        if not isinstance(model, str) or not model:
+            raise APIError(400, "you must provide a model parameter", param="model")
+        messages = payload.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise APIError(400, "'messages' must be a non-empty array.", param="messages")
+        self.model = model
+        self.n = _int_field(payload, "n", 1, 1, 128) or 1
+        self.reply = _Reply(payload, messages)
+        self.usage = None
+        if not omit_usage:
+            self.usage = _usage(_prompt_tokens(messages), len(self.reply.pieces) * self.n)
+        self.top_logprobs = _int_field(payload, "top_logprobs", 0, 0, 20) or 0
+        self.logprobs = payload.get("logprobs") is True and self.reply.tool is None
+
+
+_CacheKey = tuple[bytes, str | None, bool]  # (request body, Azure deployment, omit usage)
+_T = TypeVar("_T")
+
+
+def _remember(cache: dict[_CacheKey, _T], key: _CacheKey, value: _T, plan: _Plan, body: bytes) -> None:
+    if plan.reply.tool is None and len(body) <= _CACHE_MAX_BODY:  # tool call ids embed the request number
+        if len(cache) >= _CACHE_ENTRIES:
+            cache.clear()
+        cache[key] = value
+
+
 class MockUpstream:
     """OpenAI-compatible fake upstream as a raw ASGI app (see module docstring).
 
@@ -442,6 +482,8 @@ class MockUpstream:
         self.cancelled = 0
         self.requests: deque[tuple[str, str, bytes, Headers, Any]] = deque(maxlen=MAX_RECORDED)
         self._failures: dict[bytes, int] = {}
+        self._completion_tails: dict[_CacheKey, bytes] = {}
+        self._stream_cache: dict[_CacheKey, _StreamParts] = {}
         self._seq = 0
 
     # ---------------------------------------------------------------- ASGI
@@ -516,7 +558,7 @@ class MockUpstream:
             if route == "embeddings":
                 await _send_json(send, 200, _embeddings_payload(payload, model), extra)
             else:
-                await self._chat(payload, model, seq, headers, extra, receive, send)
+                await self._chat(body, payload, model, seq, headers, extra, receive, send)
         except APIError as error:
             await _send_json(send, error.status, error.payload, extra + error.headers)
 
@@ -563,6 +605,7 @@ class MockUpstream:
 
     async def _chat(
         self,
+        body: bytes,
         payload: dict[str, Any],
         deployment: str | None,
         seq: int,
@@ -571,44 +614,32 @@ class MockUpstream:
         receive: Receive,
         send: Send,
     ) -> None:
-        model = deployment or payload.get("model")
-        if not isinstance(model, str) or not model:
-            raise APIError(400, "you must provide a model parameter", param="model")
-        messages = payload.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise APIError(400, "'messages' must be a non-empty array.", param="messages")
-        n = _int_field(payload, "n", 1, 1, 128) or 1
-        reply = _Reply(payload, messages)
-        usage = None
-        if headers.get(b"x-mock-omit-usage") in (None, b"0", b"false"):
-            completion_tokens = len(reply.pieces) * n
-            usage = _usage(_prompt_tokens(messages), completion_tokens)
-        top_logprobs = _int_field(payload, "top_logprobs", 0, 0, 20) or 0
-        logprobs = payload.get("logprobs") is True and reply.tool is None
-        base: dict[str, Any] = {
-            "id": f"chatcmpl-mock-{seq}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": model,
-        }
+        omit_usage = headers.get(b"x-mock-omit-usage") not in (None, b"0", b"false")
+        created = int(time.time())
+        # Everything but "id" and "created" depends only on the request, so repeated identical requests
+        # (a benchmark) reuse their serialization: this keeps the mock far cheaper than a gateway in front.
+        key = (body, deployment, omit_usage)
         if payload.get("stream") is True:
-            base["object"] = "chat.completion.chunk"
-            options = payload.get("stream_options")
-            include_usage = isinstance(options, dict) and options.get("include_usage") is True and usage is not None
-            events = _stream_events(base, reply, n, seq, usage if include_usage else None, logprobs, top_logprobs)
-            await self._stream(events, headers, extra, receive, send)
+            parts = self._stream_cache.get(key)
+            if parts is None:
+                plan = _Plan(payload, deployment, omit_usage)
+                options = payload.get("stream_options")
+                include_usage = isinstance(options, dict) and options.get("include_usage") is True
+                parts = _stream_parts(plan, seq, include_usage)
+                _remember(self._stream_cache, key, parts, plan, body)
+            await self._stream(_stream_events(seq, created, parts), headers, extra, receive, send)
             return
-        choices = [_choice(reply, index, seq, logprobs, top_logprobs) for index in range(n)]
-        body: dict[str, Any] = {**base, "choices": choices}
-        if usage is not None:
-            body["usage"] = usage
-        body["service_tier"] = "default"
-        body["system_fingerprint"] = SYSTEM_FINGERPRINT
-        await _send_json(send, 200, body, extra)
+        tail = self._completion_tails.get(key)
+        if tail is None:
+            plan = _Plan(payload, deployment, omit_usage)
+            tail = orjson.dumps(_completion_rest(plan, seq))[1:]
+            _remember(self._completion_tails, key, tail, plan, body)
+        prefix = b'{"id":"chatcmpl-mock-%d","object":"chat.completion","created":%d,' % (seq, created)
+        await _send_body(send, 200, prefix + tail, extra)
 
     async def _stream(
         self,
-        events: Iterator[bytes],
+        chunks: list[bytes],
         headers: dict[bytes, bytes],
         extra: Headers,
         receive: Receive,
@@ -616,7 +647,6 @@ class MockUpstream:
     ) -> None:
         delay = _number_header(headers, b"x-mock-chunk-delay-ms") / 1000
         disconnect_after = _int_or(headers.get(b"x-mock-disconnect-after"), -1)
-        chunks = list(events)
         error_at = max(1, len(chunks) // 2) if headers.get(b"x-mock-stream-error") in (b"1", b"true") else -1
         chunks.append(_DONE)
         await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS + extra})
@@ -674,50 +704,43 @@ def _tool_call_id(seq: int, index: int) -> str:
     return f"call_mock_{seq}_{index}"
 
 
-def _choice(reply: _Reply, index: int, seq: int, logprobs: bool, top: int) -> dict[str, Any]:
-    message: dict[str, Any] = {
-        "role": "assistant",
-        "content": reply.content,
-        "refusal": None,
-        "annotations": [],
+def _completion_rest(plan: _Plan, seq: int) -> dict[str, Any]:
+    """The fields of a ``chat.completion`` that follow ``id``, ``object`` and ``created``."""
+    rest: dict[str, Any] = {
+        "model": plan.model,
+        "choices": [_choice(plan, index, seq) for index in range(plan.n)],
     }
+    if plan.usage is not None:
+        rest["usage"] = plan.usage
+    rest["service_tier"] = "default"
+    rest["system_fingerprint"] = SYSTEM_FINGERPRINT
+    return rest
+
+
+def _choice(plan: _Plan, index: int, seq: int) -> dict[str, Any]:
+    reply = plan.reply
+    message: dict[str, Any] = {"role": "assistant", "content": reply.content, "refusal": None, "annotations": []}
     if reply.tool is not None:
         name, arguments = reply.tool
-        message["tool_calls"] = [
-            {
-                "id": _tool_call_id(seq, index),
-                "type": "function",
-                "function": {"name": name, "arguments": arguments},
-            }
-        ]
-    choice_logprobs = None
-    if logprobs:
-        choice_logprobs = {
-            "content": [_logprob_entry(piece, i, top) for i, piece in enumerate(reply.pieces)],
-            "refusal": None,
-        }
-    return {
-        "index": index,
-        "message": message,
-        "logprobs": choice_logprobs,
-        "finish_reason": reply.finish_reason,
-    }
+        function = {"name": name, "arguments": arguments}
+        message["tool_calls"] = [{"id": _tool_call_id(seq, index), "type": "function", "function": function}]
+    logprobs = None
+    if plan.logprobs:
+        entries = [_logprob_entry(piece, i, plan.top_logprobs) for i, piece in enumerate(reply.pieces)]
+        logprobs = {"content": entries, "refusal": None}
+    return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": reply.finish_reason}
 
 
-def _choice_deltas(reply: _Reply, index: int, seq: int, logprobs: bool, top: int) -> list[dict[str, Any]]:
+def _choice_deltas(plan: _Plan, index: int, seq: int) -> list[dict[str, Any]]:
     """The successive ``choices[0]`` objects of one choice's stream chunks."""
+    reply = plan.reply
 
-    def delta_choice(delta: dict[str, Any], lp: Any = None, finish: str | None = None) -> dict[str, Any]:
-        return {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}
+    def delta_choice(delta: dict[str, Any], logprobs: Any = None, finish: str | None = None) -> dict[str, Any]:
+        return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
 
     if reply.tool is not None:
-        name = reply.tool[0]
-        call = {
-            "index": 0,
-            "id": _tool_call_id(seq, index),
-            "type": "function",
-            "function": {"name": name, "arguments": ""},
-        }
+        function = {"name": reply.tool[0], "arguments": ""}
+        call = {"index": 0, "id": _tool_call_id(seq, index), "type": "function", "function": function}
         first = delta_choice({"role": "assistant", "content": None, "tool_calls": [call], "refusal": None})
         pieces = [delta_choice({"tool_calls": [{"index": 0, "function": {"arguments": p}}]}) for p in reply.pieces]
     else:
@@ -725,33 +748,37 @@ def _choice_deltas(reply: _Reply, index: int, seq: int, logprobs: bool, top: int
         pieces = [
             delta_choice(
                 {"content": p},
-                {"content": [_logprob_entry(p, i, top)], "refusal": None} if logprobs else None,
+                {"content": [_logprob_entry(p, i, plan.top_logprobs)], "refusal": None} if plan.logprobs else None,
             )
             for i, p in enumerate(reply.pieces)
         ]
     return [first, *pieces, delta_choice({}, finish=reply.finish_reason)]
 
 
-def _stream_events(
-    base: dict[str, Any],
-    reply: _Reply,
-    n: int,
-    seq: int,
-    usage: dict[str, Any] | None,
-    logprobs: bool,
-    top: int,
-) -> Iterator[bytes]:
+@dataclass(frozen=True, slots=True)
+class _StreamParts:
+    """The request-dependent bytes of a stream: everything but ``id`` and ``created``."""
+
+    model: bytes  # JSON string
+    choices: list[bytes]  # the ``choices`` array of each chunk, in order
+    usage: bytes | None  # the final usage object, when the client asked for it
+
+
+def _stream_parts(plan: _Plan, seq: int, include_usage: bool) -> _StreamParts:
+    per_choice = [_choice_deltas(plan, index, seq) for index in range(plan.n)]
+    choices = [orjson.dumps([deltas[step]]) for step in range(len(per_choice[0])) for deltas in per_choice]
+    usage = orjson.dumps(plan.usage) if include_usage and plan.usage is not None else None
+    return _StreamParts(orjson.dumps(plan.model), choices, usage)
+
+
+def _stream_events(seq: int, created: int, parts: _StreamParts) -> list[bytes]:
     """SSE ``data:`` events of a streamed completion (without ``[DONE]``)."""
-    head = {**base, "service_tier": "default", "system_fingerprint": SYSTEM_FINGERPRINT}
-    per_choice = [_choice_deltas(reply, index, seq, logprobs, top) for index in range(n)]
-    for step in range(len(per_choice[0])):
-        for deltas in per_choice:
-            chunk: dict[str, Any] = {**head, "choices": [deltas[step]]}
-            if usage is not None:
-                chunk["usage"] = None
-            yield b"data: " + orjson.dumps(chunk) + b"\n\n"
-    if usage is not None:
-        yield b"data: " + orjson.dumps({**head, "choices": [], "usage": usage}) + b"\n\n"
+    head = _CHUNK_HEAD % (seq, created, parts.model)
+    end = b"}\n\n" if parts.usage is None else b',"usage":null}\n\n'
+    events = [head + choices + end for choices in parts.choices]
+    if parts.usage is not None:
+        events.append(head + b'[],"usage":' + parts.usage + b"}\n\n")
+    return events
 
 
 def _embeddings_payload(payload: dict[str, Any], deployment: str | None) -> dict[str, Any]:
@@ -860,8 +887,11 @@ async def _wait(receive: Receive, seconds: float) -> bool:
 
 
 async def _send_json(send: Send, status: int, payload: Any, headers: Headers | None = None) -> None:
-    body = orjson.dumps(payload)
-    response_headers = [*_JSON_HEADERS, (b"content-length", str(len(body)).encode()), *(headers or ())]
+    await _send_body(send, status, orjson.dumps(payload), headers)
+
+
+async def _send_body(send: Send, status: int, body: bytes, headers: Headers | None = None) -> None:
+    response_headers = [*_JSON_HEADERS, (b"content-length", b"%d" % len(body)), *(headers or ())]
     await send({"type": "http.response.start", "status": status, "headers": response_headers})
     await send({"type": "http.response.body", "body": body})
 

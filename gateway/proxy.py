@@ -8,6 +8,7 @@ request at once, which closes the upstream connection too.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -17,6 +18,9 @@ from starlette.types import Receive, Scope, Send
 from gateway.context import Endpoint, Handler, ProxyRequest, ProxyResponse
 from gateway.errors import ClientDisconnected, GatewayError, InvalidRequest, RequestTooLarge
 from gateway.metrics import Metrics
+from gateway.request_id import request_id_from
+
+logger = logging.getLogger("gateway.proxy")
 
 
 class _DisconnectWatcher:
@@ -73,10 +77,11 @@ def _encode_headers(headers: dict[str, str], content_type: str) -> list[tuple[by
     return raw
 
 
-async def send_error(send: Send, error: GatewayError) -> None:
+async def send_error(send: Send, error: GatewayError, id_header: tuple[bytes, bytes]) -> None:
     body = error.body()
     headers = _encode_headers(error.response_headers(), "application/json")
     headers.append((b"content-length", str(len(body)).encode()))
+    headers.append(id_header)
     await send({"type": "http.response.start", "status": error.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
@@ -105,9 +110,9 @@ class ProxyEndpoint:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
         headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]}
-        request = ProxyRequest(scope["state"]["request_id"], self._endpoint, b"", headers, started)
-        metrics = self._metrics
-        metrics.in_flight.inc()
+        request = ProxyRequest(request_id_from(headers.get("x-request-id")), self._endpoint, b"", headers, started)
+        id_header = (b"x-request-id", request.request_id.encode())
+        self._metrics.in_flight.inc()
         status = 499  # nginx's "client closed request", for metrics only
         task = asyncio.current_task()
         assert task is not None
@@ -119,35 +124,44 @@ class ProxyEndpoint:
             status = response.status
             if response.stream is None:
                 watcher.done()
-                await self._send_body(send, response)
+                await self._send_body(send, response, id_header)
                 self._observe(started, response)
             else:
-                await self._send_stream(send, response, started)
+                await self._send_stream(send, response, started, id_header)
                 watcher.done()
         except GatewayError as error:
             status = error.status
             if watcher is not None:
                 watcher.done()
-            await send_error(send, error)
+            await send_error(send, error, id_header)
         except ClientDisconnected:
             self._disconnects.inc()
         except asyncio.CancelledError:
             if watcher is None or not watcher.disconnected:
                 raise
             task.uncancel()
-            status = 499
+            status = 499  # also when a stream had begun: the client did not get the whole answer
             self._disconnects.inc()
+        except Exception:
+            # Only reached before the response started: streams handle their own failures.
+            status = 500
+            if watcher is not None:
+                watcher.done()
+            logger.exception("unhandled error", extra={"request_id": request.request_id})
+            message = f"The gateway failed unexpectedly; quote request id {request.request_id} when reporting it."
+            await send_error(send, GatewayError(message), id_header)
         finally:
-            metrics.in_flight.dec()
+            self._metrics.in_flight.dec()
             self._count(request.model, status)
             self._duration.observe(time.perf_counter() - started)
 
     def _count(self, model: str, status: int) -> None:
-        counter = self._requests.get((model, status))
+        # Only configured models get their own label value: clients choose `model` freely. The cache is
+        # keyed by the label too, or every made-up model name would add an entry that is never freed.
+        label = model if model in self._models else "unknown"
+        counter = self._requests.get((label, status))
         if counter is None:
-            # Only configured models get their own label value: clients choose `model` freely.
-            label = model if model in self._models else "unknown"
-            counter = self._requests[(model, status)] = self._metrics.requests.labels(label, str(status))
+            counter = self._requests[(label, status)] = self._metrics.requests.labels(label, str(status))
         counter.inc()
 
     def _observe(self, started: float, response: ProxyResponse) -> None:
@@ -160,19 +174,23 @@ class ProxyEndpoint:
             histogram.observe(response.upstream_seconds)
             self._overhead.observe(max(0.0, time.perf_counter() - started - response.upstream_seconds))
 
-    async def _send_body(self, send: Send, response: ProxyResponse) -> None:
+    async def _send_body(self, send: Send, response: ProxyResponse, id_header: tuple[bytes, bytes]) -> None:
         content_type = response.headers.pop("content-type", "application/json")
         headers = _encode_headers(response.headers, content_type)
         headers.append((b"content-length", str(len(response.body)).encode()))
+        headers.append(id_header)
         await send({"type": "http.response.start", "status": response.status, "headers": headers})
         await send({"type": "http.response.body", "body": response.body})
 
-    async def _send_stream(self, send: Send, response: ProxyResponse, started: float) -> None:
+    async def _send_stream(
+        self, send: Send, response: ProxyResponse, started: float, id_header: tuple[bytes, bytes]
+    ) -> None:
         stream: AsyncIterator[bytes] = response.stream  # type: ignore[assignment]
         response.headers.pop("content-type", None)
         headers = _encode_headers(response.headers, "text/event-stream; charset=utf-8")
         headers.append((b"cache-control", b"no-cache"))
         headers.append((b"x-accel-buffering", b"no"))  # tell nginx-style proxies not to buffer SSE
+        headers.append(id_header)
         await send({"type": "http.response.start", "status": response.status, "headers": headers})
         first = True
         try:
@@ -181,6 +199,11 @@ class ProxyEndpoint:
                 if first:
                     first = False
                     self._observe(started, response)
-            await send({"type": "http.response.body", "body": b""})
+        except Exception:
+            # Headers are out: the failure can only be the stream's last event.
+            logger.exception("stream failed", extra={"request_id": id_header[1].decode()})
+            error = GatewayError("The gateway failed mid-stream; the answer is incomplete.")
+            await send({"type": "http.response.body", "body": error.sse_event(), "more_body": True})
         finally:
             await stream.aclose()  # type: ignore[attr-defined]
+        await send({"type": "http.response.body", "body": b""})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from collections.abc import Iterator, Mapping
@@ -104,9 +105,11 @@ def _tenant_problems(config: GatewayConfig) -> Iterator[tuple[Loc, str]]:
             if key.id in seen_ids:
                 yield (*loc, "id"), f"duplicate key id {key.id!r} (also at {format_loc(seen_ids[key.id])})"
             seen_ids[key.id] = loc
-            digest = key.sha256 or ""
-            if digest and digest in seen_hashes:
-                yield (*loc, "sha256"), "the same key is configured twice"
+            # Plain keys count too: two tenants sharing a key would authenticate as whichever came last.
+            secret = key.key.get_secret_value() if key.key is not None else ""
+            digest = key.sha256 or hashlib.sha256(secret.encode()).hexdigest()
+            if digest in seen_hashes:
+                yield (*loc, "sha256" if key.sha256 else "key"), "the same key is configured twice"
             seen_hashes.add(digest)
 
 

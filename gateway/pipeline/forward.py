@@ -12,7 +12,7 @@ from gateway.errors import GatewayError, UpstreamError, UpstreamTimeout
 from gateway.jsonbody import dumps
 from gateway.routing import Router, Target
 from gateway.upstream.client import RetriesExhausted, UpstreamClient
-from gateway.upstream.transport import TransportError
+from gateway.upstream.transport import TimedOut, TransportError
 
 logger = logging.getLogger("gateway.forward")
 
@@ -103,6 +103,9 @@ async def _guard(
         tail = decoder.flush()
         if tail:
             yield b"".join(event.encode() for event in tail)
+    except TimedOut as exc:
+        # The transport enforces the overall deadline too, so this is the usual mid-stream timeout.
+        yield UpstreamTimeout(f"upstream {upstream!r} timed out mid-stream: {exc}").sse_event()
     except TransportError as exc:
         yield UpstreamError(f"upstream {upstream!r} failed mid-stream: {exc}").sse_event()
     finally:

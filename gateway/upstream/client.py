@@ -44,6 +44,7 @@ class UpstreamHTTPError(GatewayError):
     """An error answer from the upstream, passed to the client with its status and (scrubbed) body."""
 
     type = "upstream_error"
+    code = None  # the upstream's own code, if it gave one; never the gateway's "internal_error"
 
     def __init__(self, status: int, body: bytes, headers: dict[str, str], secret: str) -> None:
         self._body = _scrub(body, secret)
@@ -241,4 +242,5 @@ async def _prepend(first: bytes, rest: AsyncIterator[bytes], response: UpstreamR
         async for chunk in rest:
             yield chunk
     finally:
+        await rest.aclose()  # type: ignore[attr-defined]
         await response.aclose()

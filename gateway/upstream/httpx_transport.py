@@ -42,7 +42,8 @@ class _Response:
 
     async def iter_chunks(self) -> AsyncIterator[bytes]:
         try:
-            async for chunk in self._response.aiter_raw():
+            # aiter_bytes, not aiter_raw: decode any content-encoding, as read() and aiohttp do.
+            async for chunk in self._response.aiter_bytes():
                 yield chunk
         except httpx.HTTPError as exc:
             raise _map_error(exc) from None
