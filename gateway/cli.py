@@ -53,10 +53,12 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
+    from gateway.store.base import redact_url
+
     path, config = _load(args.config)
     keys = sum(len(tenant.api_keys) for tenant in config.tenants.values())
     print(f"{path}: OK")
-    print(f"  store:     {config.store.url.split('@')[-1]}")
+    print(f"  store:     {redact_url(config.store.url)}")
     print(f"  upstreams: {', '.join(f'{n} ({u.kind})' for n, u in config.upstreams.items()) or 'none'}")
     print(f"  models:    {', '.join(config.models) or 'none'}")
     print(f"  policies:  {', '.join(config.policies)}")

@@ -2,25 +2,15 @@
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit, urlunsplit
-
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from gateway.store.base import StoreError
-
-
-def _without_password(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+from gateway.store.base import StoreError, redact_url
 
 
 class RedisStore:
     def __init__(self, url: str, prefix: str = "gw:") -> None:
-        self.url = _without_password(url)
+        self.url = redact_url(url)
         self._prefix = prefix
         self._client = aioredis.Redis.from_url(url)
 

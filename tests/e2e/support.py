@@ -42,6 +42,7 @@ ALL_MODELS = [
     "dead-with-fallback",
     "bad-auth-model",
     "slow-model",
+    "stall-model",
 ]
 
 
@@ -159,6 +160,13 @@ def gateway_config(mock_port: int, dead_port: int, store_url: str, **server: Any
                 "max_retries": 1,
                 **fast,
             },
+            "stall": {
+                "base_url": f"{mock}/v1",
+                "api_key": UPSTREAM_KEY,
+                "read_timeout_s": 0.3,
+                "max_retries": 0,
+                **fast,
+            },
         },
         "models": {
             "gpt-4o-mini": {"upstream": "mock"},
@@ -170,6 +178,7 @@ def gateway_config(mock_port: int, dead_port: int, store_url: str, **server: Any
             "dead-with-fallback": {"upstream": "dead", "fallbacks": ["gpt-4o-mini"]},
             "bad-auth-model": {"upstream": "badauth"},
             "slow-model": {"upstream": "slow"},
+            "stall-model": {"upstream": "stall"},
         },
         "policies": {"default": {}, "limited": {"models": ["gpt-4o-mini"]}},
         "tenants": {

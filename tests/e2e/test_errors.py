@@ -411,6 +411,23 @@ def test_mid_stream_timeout(client: openai.OpenAI) -> None:
     assert excinfo.value.code == "upstream_timeout"
 
 
+def test_mid_stream_silence_ends_the_stream(client: openai.OpenAI) -> None:
+    # stall-model's upstream allows 0.3 s between chunks (read_timeout_s) within a 600 s deadline.
+    stream = client.chat.completions.create(
+        model="stall-model",
+        messages=[{"role": "user", "content": "a b c"}],
+        stream=True,
+        extra_headers=_mock_headers(chunk_delay_ms="1000"),
+    )
+    received: list[Any] = []
+    with pytest.raises(openai.APIError) as excinfo:
+        _drain(stream, received)
+    assert len(received) == 1
+    # Like the deadline, a silence over read_timeout_s is reported as a timeout (tests/pipeline agrees).
+    assert excinfo.value.code == "upstream_timeout"
+    assert "mid-stream" in excinfo.value.message
+
+
 def test_mid_stream_error_event_from_upstream(client: openai.OpenAI) -> None:
     stream = client.chat.completions.create(
         model="gpt-4o-mini",
