@@ -19,7 +19,12 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $(VENV)/.installed $@
 
+# A development key for the local tenant of config/gateway.yaml, used only when you set none.
+GATEWAY_API_KEY ?= sk-gw-local-dev
+export GATEWAY_API_KEY
+
 run: $(VENV)/.installed
+	@echo "Clients use base_url http://127.0.0.1:8080/v1 and api_key $$GATEWAY_API_KEY (set GATEWAY_API_KEY to change it)"
 	$(BIN)/gateway serve --config $(CONFIG)
 
 demo: $(VENV)/.installed

@@ -69,7 +69,8 @@ def _check(args: argparse.Namespace) -> int:
 def _keys_hash(args: argparse.Namespace) -> int:
     from gateway.pipeline.auth import hash_key
 
-    print(hash_key(args.key))
+    key = sys.stdin.readline().rstrip("\r\n") if args.key == "-" else args.key
+    print(hash_key(key))
     return 0
 
 
@@ -100,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     keys = commands.add_parser("keys", help="API key tools").add_subparsers(dest="keys_command", required=True)
     hash_ = keys.add_parser("hash", help="print the sha256 of KEY for a config's `sha256:` field")
-    hash_.add_argument("key")
+    hash_.add_argument("key", help="the key, or - to read it from standard input (keeps it out of shell history)")
     hash_.set_defaults(func=_keys_hash)
 
     mock = commands.add_parser("mock-upstream", help="run a fake OpenAI-compatible model server")

@@ -120,20 +120,25 @@ class Child:
     def exited(self) -> int | None:
         return self.process.poll()
 
-    def stop(self) -> None:
-        if self.process.poll() is not None:
-            return
-        self.process.terminate()
+    def terminate(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+
+    def wait_or_kill(self, deadline: float) -> None:
         try:
-            self.process.wait(STOP_TIMEOUT_S)
+            self.process.wait(max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
 
 
 def _stop_all(children: Sequence[Child]) -> None:
+    """SIGTERM every child at once (each shuts down gracefully), then SIGKILL any still there."""
     for child in reversed(children):
-        child.stop()
+        child.terminate()
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    for child in reversed(children):
+        child.wait_or_kill(deadline)
 
 
 def _wait_until_up(client: httpx.Client, children: Sequence[Child], urls: Sequence[str]) -> None:

@@ -54,11 +54,13 @@ def interpolate(value: Any, env: Mapping[str, str], loc: Loc = ()) -> Any:
         if match.group(0) == "$$":
             return "$"
         name, default = match.group(1), match.group(2)
-        if name in env:
-            return env[name]
-        if default is not None:
+        value = env.get(name)
+        # As in the shell: `${VAR:-default}` also replaces a variable that is set but empty.
+        if default is not None and not value:
             return default
-        raise _UnsetVariable(loc, name)
+        if value is None:
+            raise _UnsetVariable(loc, name)
+        return value
 
     return _VAR.sub(substitute, value)
 

@@ -337,7 +337,7 @@ def test_an_empty_file_is_an_empty_config(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("name", ["gateway.yaml", "demo.yaml"])
 def test_the_shipped_configs_load(name: str) -> None:
-    config = load_config(REPO / "config" / name, env={})
+    config = load_config(REPO / "config" / name, env={"GATEWAY_API_KEY": "sk-gw-test"})
     assert config.models
     assert config.tenants
 
@@ -346,3 +346,15 @@ def test_default_config_path() -> None:
     assert default_config_path({}) == "config/gateway.yaml"
     assert default_config_path({"GATEWAY_CONFIG": ""}) == "config/gateway.yaml"
     assert default_config_path({"GATEWAY_CONFIG": "/etc/gw.yaml"}) == "/etc/gw.yaml"
+
+
+def test_the_default_config_ships_no_usable_key() -> None:
+    # A default client key in the shipped file would let anyone in wherever it is deployed.
+    with pytest.raises(ConfigError) as raised:
+        load_config(REPO / "config" / "gateway.yaml", env={})
+    assert "GATEWAY_API_KEY is not set" in str(raised.value)
+
+
+def test_an_empty_variable_takes_the_default_as_in_the_shell() -> None:
+    config = parse_config({"store": {"url": "${STORE:-memory://}"}}, "t.yaml", env={"STORE": ""})
+    assert config.store.url == "memory://"
