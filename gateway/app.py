@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
@@ -16,31 +15,23 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.config.schema import GatewayConfig, UpstreamConfig
+from gateway.admin.api import AdminAPI
+from gateway.admin.auth import AdminAuthenticator
+from gateway.config.schema import GatewayConfig
 from gateway.context import CHAT_COMPLETIONS, EMBEDDINGS, Endpoint
 from gateway.errors import GatewayError, MethodNotAllowed, ModelNotFound, NotFound
 from gateway.metrics import Metrics
 from gateway.pipeline import Stage, build_pipeline
-from gateway.pipeline.auth import Authenticate, KeyIndex
+from gateway.pipeline.auth import Authenticate
 from gateway.pipeline.forward import Forward
 from gateway.pipeline.parse import ParseBody
 from gateway.pipeline.policy import ModelAccess
 from gateway.proxy import ProxyEndpoint
 from gateway.request_id import request_id_from
-from gateway.routing import Router
-from gateway.store import Store, StoreError, open_store
-from gateway.upstream.aiohttp_transport import AiohttpTransport
-from gateway.upstream.client import UpstreamClient
-from gateway.upstream.providers import provider_for
-from gateway.upstream.transport import Transport
+from gateway.services import Services, TransportFactory, default_transport
+from gateway.store import Store, StoreError
 
 logger = logging.getLogger("gateway")
-
-TransportFactory = Callable[[str, UpstreamConfig], Transport]
-
-
-def default_transport(name: str, config: UpstreamConfig) -> Transport:
-    return AiohttpTransport(max_connections=config.max_connections)
 
 
 class RequestIdMiddleware:
@@ -87,18 +78,6 @@ class GatewayApp:
         await self.starlette(scope, receive, send)
 
 
-@dataclass(slots=True)
-class Services:
-    """Everything the app builds at start-up and closes at shutdown."""
-
-    config: GatewayConfig
-    keys: KeyIndex
-    router: Router
-    metrics: Metrics
-    store: Store
-    clients: dict[str, UpstreamClient]
-
-
 def _error_response(error: GatewayError) -> Response:
     return Response(error.body(), error.status, error.response_headers(), media_type="application/json")
 
@@ -126,20 +105,6 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
     )
 
 
-def _warn_about_config(config: GatewayConfig) -> None:
-    for name, upstream in config.upstreams.items():
-        if not upstream.api_key.get_secret_value() and "://127.0.0.1" not in upstream.base_url:
-            hint = "OPENAI_API_KEY" if upstream.kind == "openai" else "AZURE_OPENAI_API_KEY"
-            logger.warning(
-                "upstream %r has no api_key: its requests will fail with upstream_auth_failed. "
-                "Set it (for example `export %s=sk-...`) or try `make demo`, which uses the built-in mock.",
-                name,
-                hint,
-            )
-    if not config.tenants:
-        logger.warning("no tenants are configured: every API request will get 401")
-
-
 def create_app(
     config: GatewayConfig,
     *,
@@ -147,51 +112,38 @@ def create_app(
     metrics: Metrics | None = None,
     store: Store | None = None,
 ) -> GatewayApp:
-    router = Router(config)
-    services = Services(
-        config=config,
-        keys=KeyIndex(config),
-        router=router,
-        metrics=metrics or Metrics(),
-        store=store or open_store(config.store.url),
-        clients={},
-    )
+    services = Services.build(config, transport_factory=transport_factory, metrics=metrics, store=store)
+    router = services.router
+    authenticator = services.authenticator
     models = frozenset(router.models)
 
     def proxy(endpoint: Endpoint) -> ProxyEndpoint:
-        stages: list[Stage] = [Authenticate(services.keys), ParseBody(), ModelAccess(router)]
+        stages: list[Stage] = [Authenticate(authenticator), ParseBody(), ModelAccess(router)]
         handler = build_pipeline(stages, Forward(router, services.clients))
         return ProxyEndpoint(endpoint, handler, services.metrics, config.server.max_body_bytes, models)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        _warn_about_config(config)
-        for name, upstream in config.upstreams.items():
-            services.clients[name] = UpstreamClient(
-                name, upstream, provider_for(upstream), transport_factory(name, upstream)
-            )
+        await services.start()
         try:
             yield
         finally:
-            for client in services.clients.values():
-                await client.transport.aclose()
-            await services.store.aclose()
+            await services.stop()
+
+    def model_object(name: str) -> dict[str, object]:
+        return {"id": name, "object": "model", "created": 0, "owned_by": config.models[name].upstream}
 
     async def list_models(request: Request) -> Response:
-        principal = services.keys.authenticate(request.headers.get("authorization"))
-        data = [
-            {"id": name, "object": "model", "created": 0, "owned_by": config.models[name].upstream}
-            for name in router.models
-            if principal.policy.allows_model(name)
-        ]
+        principal = await authenticator.authenticate(request.headers.get("authorization"))
+        data = [model_object(name) for name in router.models if principal.allows_model(name)]
         return JSONResponse({"object": "list", "data": data})
 
     async def get_model(request: Request) -> Response:
-        principal = services.keys.authenticate(request.headers.get("authorization"))
+        principal = await authenticator.authenticate(request.headers.get("authorization"))
         name = request.path_params["model"]
-        if name not in router or not principal.policy.allows_model(name):
+        if name not in router or not principal.allows_model(name):
             raise ModelNotFound(name)
-        return JSONResponse({"id": name, "object": "model", "created": 0, "owned_by": config.models[name].upstream})
+        return JSONResponse(model_object(name))
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -206,12 +158,19 @@ def create_app(
     async def metrics_endpoint(request: Request) -> Response:
         return Response(generate_latest(services.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    admin = AdminAPI(
+        config,
+        AdminAuthenticator(config.admin.api_keys, authenticator),
+        services.tenants,
+        services.keys,
+    )
     fast_routes = {"/v1/chat/completions": proxy(CHAT_COMPLETIONS), "/v1/embeddings": proxy(EMBEDDINGS)}
     app = Starlette(
         routes=[
             *(Route(path, endpoint, methods=["POST"]) for path, endpoint in fast_routes.items()),
             Route("/v1/models", list_models, methods=["GET"]),
             Route("/v1/models/{model:path}", get_model, methods=["GET"]),
+            *admin.routes(),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
             Route("/metrics", metrics_endpoint, methods=["GET"]),

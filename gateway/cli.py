@@ -67,10 +67,37 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _keys_hash(args: argparse.Namespace) -> int:
-    from gateway.pipeline.auth import hash_key
+    from gateway.identity.keys import hash_key
 
     key = sys.stdin.readline().rstrip("\r\n") if args.key == "-" else args.key
     print(hash_key(key))
+    return 0
+
+
+def _keys_create(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from gateway.identity.keyring import KeyRing
+    from gateway.identity.tenants import TenantDirectory
+    from gateway.store import StoreError, open_store
+
+    _, config = _load(args.config)
+
+    async def create() -> str:
+        store = open_store(config.store.url)
+        try:
+            if await TenantDirectory(config, store).resolve(args.tenant) is None:
+                raise SystemExit(f"no tenant {args.tenant!r} in the config file or in {store.url}")
+            record, key = await KeyRing(config, store).create(args.tenant, args.name)
+            print(f"created key {record.id} for tenant {args.tenant!r}; it is shown this once:", file=sys.stderr)
+            return key
+        finally:
+            await store.aclose()
+
+    try:
+        print(asyncio.run(create()))
+    except StoreError as exc:
+        raise SystemExit(str(exc)) from None
     return 0
 
 
@@ -103,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     hash_ = keys.add_parser("hash", help="print the sha256 of KEY for a config's `sha256:` field")
     hash_.add_argument("key", help="the key, or - to read it from standard input (keeps it out of shell history)")
     hash_.set_defaults(func=_keys_hash)
+    create = keys.add_parser("create", help="create an API key in the configured store and print it once")
+    create.add_argument("--tenant", required=True)
+    create.add_argument("--name", required=True)
+    create.add_argument("--config", help=config_help)
+    create.set_defaults(func=_keys_create)
 
     mock = commands.add_parser("mock-upstream", help="run a fake OpenAI-compatible model server")
     mock.add_argument("--host", default="127.0.0.1")

@@ -24,12 +24,21 @@ EMBEDDINGS = Endpoint("embeddings", "/embeddings", can_stream=False)
 
 @dataclass(slots=True, frozen=True)
 class Principal:
-    """The authenticated caller."""
+    """The authenticated caller: a tenant, through an API key or a JWT, maybe an end user."""
 
     tenant: str
-    key_id: str
+    key_id: str  # an API key's id, or "jwt:<issuer>" for a token
     policy_name: str
-    policy: PolicyConfig
+    policy: PolicyConfig  # the tenant's policy with its overrides applied
+    user: str | None = None  # from a JWT's user claim
+    roles: frozenset[str] = frozenset()
+    key_models: frozenset[str] | None = None  # the key's own model allow-list, if it has one
+    key_policy: PolicyConfig | None = None  # the key's own budget and rate limit, if any
+
+    def allows_model(self, model: str) -> bool:
+        if self.key_models is not None and model not in self.key_models and "*" not in self.key_models:
+            return False
+        return self.policy.allows_model(model)
 
 
 @dataclass(slots=True)

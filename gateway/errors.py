@@ -93,6 +93,13 @@ class MethodNotAllowed(GatewayError):
     code = "method_not_allowed"
 
 
+class Conflict(GatewayError):
+    status = 409
+    type = "invalid_request_error"
+    code = "conflict"
+    should_retry = False  # the SDK retries 409 by default; repeating a conflicting change cannot help
+
+
 class RequestTooLarge(GatewayError):
     status = 413
     type = "invalid_request_error"

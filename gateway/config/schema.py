@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+from jwt.algorithms import get_default_algorithms
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator, model_validator
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
@@ -83,8 +87,25 @@ class ModelConfig(_Model):
     fallbacks: list[str] = []
 
 
+class BudgetConfig(_Model):
+    """Spend limits in USD over UTC calendar windows (enforced by the budget stage)."""
+
+    usd_per_day: Annotated[float, Field(gt=0)] | None = None
+    usd_per_month: Annotated[float, Field(gt=0)] | None = None
+    alert_at: Annotated[float, Field(gt=0, le=1)] = 0.8
+    webhook_url: str | None = None
+    reserve_max_tokens: Annotated[int, Field(gt=0)] = 4096
+
+
+class RateLimitConfig(_Model):
+    requests_per_minute: Annotated[int, Field(gt=0)] | None = None
+    tokens_per_minute: Annotated[int, Field(gt=0)] | None = None
+
+
 class PolicyConfig(_Model):
     models: list[str] = ["*"]
+    budget: BudgetConfig | None = None
+    rate_limit: RateLimitConfig | None = None
 
     def allows_model(self, model: str) -> bool:
         return "*" in self.models or model in self.models
@@ -114,10 +135,162 @@ class TenantConfig(_Model):
     api_keys: list[ApiKeyConfig] = []
 
 
+# --- auth: bearer JWTs from trusted issuers (verified by gateway/identity/jwt.py) -----------------
+
+HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
+ASYMMETRIC_ALGORITHMS = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "ES256K", "EdDSA"}
+)
+# RFC 7518 section 3.2: an HMAC key at least as long as the hash.
+HMAC_MIN_SECRET_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def public_key_problem(pem: str, algorithm: str) -> str | None:
+    """Why `pem` cannot verify `algorithm` tokens (wrong key type, curve or size), or None if it can."""
+    algorithm_impl = get_default_algorithms()[algorithm]
+    try:
+        key = algorithm_impl.prepare_key(load_pem_public_key(pem.encode()))
+    except Exception:  # pyjwt raises InvalidKeyError, TypeError or ValueError for a key of the wrong kind
+        return f"public_key cannot verify {algorithm} tokens (wrong key type or curve)"
+    return algorithm_impl.check_key_length(key)
+
+
+_NonEmpty = Annotated[str, Field(min_length=1)]
+
+
+class JwtIssuerConfig(_Model):
+    # Field order matters: `algorithms` is checked against the key source validated before it.
+    issuer: _NonEmpty
+    audience: str | list[str]
+    jwks_url: str | None = None
+    public_key: str | None = None
+    secret: SecretStr | None = None
+    algorithms: list[str]
+    tenant_claim: _NonEmpty
+    user_claim: _NonEmpty = "sub"
+    roles_claim: _NonEmpty | None = None
+
+    @field_validator("audience")
+    @classmethod
+    def _some_audience(cls, audience: str | list[str]) -> str | list[str]:
+        values = [audience] if isinstance(audience, str) else audience
+        if not values or not all(values):
+            raise ValueError("name the audience tokens must be issued for (`aud`), e.g. gateway")
+        return audience
+
+    @field_validator("jwks_url")
+    @classmethod
+    def _safe_jwks_url(cls, url: str | None) -> str | None:
+        if url is None:
+            return None
+        try:
+            parts = urlsplit(url)
+            host = parts.hostname
+        except ValueError:
+            host = None
+        if host and (parts.scheme == "https" or (parts.scheme == "http" and _is_loopback(host))):
+            return url
+        raise ValueError(f"expected an https:// URL (http:// only to 127.0.0.1, ::1 or localhost), got {url!r}")
+
+    @field_validator("public_key")
+    @classmethod
+    def _pem_public_key(cls, pem: str | None) -> str | None:
+        if pem is None:
+            return None
+        try:
+            load_pem_public_key(pem.encode())
+        except (ValueError, TypeError):
+            raise ValueError("expected a PEM public key (-----BEGIN PUBLIC KEY-----)") from None
+        return pem
+
+    @field_validator("secret")
+    @classmethod
+    def _long_secret(cls, secret: SecretStr | None) -> SecretStr | None:
+        if secret is not None and len(secret.get_secret_value().encode()) < HMAC_MIN_SECRET_BYTES["HS256"]:
+            raise ValueError("the secret must be at least 32 bytes long (RFC 7518); an empty ${VAR:-} counts too")
+        return secret
+
+    @field_validator("algorithms")
+    @classmethod
+    def _safe_algorithms(cls, algorithms: list[str], info: ValidationInfo) -> list[str]:
+        if not algorithms:
+            raise ValueError("list the algorithms the issuer signs with, e.g. [RS256]")
+        for algorithm in algorithms:
+            if algorithm.lower() == "none":
+                raise ValueError("'none' is never accepted: such a token carries no signature")
+            if algorithm not in HMAC_ALGORITHMS | ASYMMETRIC_ALGORITHMS:
+                known = ", ".join(sorted(HMAC_ALGORITHMS | ASYMMETRIC_ALGORITHMS))
+                raise ValueError(f"unknown algorithm {algorithm!r} (known: {known})")
+        sources = {name: info.data.get(name) for name in ("jwks_url", "public_key", "secret")}
+        given = [name for name, value in sources.items() if value is not None]
+        if len(given) == 1:  # otherwise the issuer-level check reports the key source
+            _check_algorithms_fit(algorithms, given[0], sources)
+        return list(dict.fromkeys(algorithms))
+
+    @model_validator(mode="after")
+    def _exactly_one_key_source(self) -> JwtIssuerConfig:
+        if sum(value is not None for value in (self.jwks_url, self.public_key, self.secret)) != 1:
+            raise ValueError("give exactly one of jwks_url, public_key or secret")
+        return self
+
+
+def _check_algorithms_fit(algorithms: list[str], source: str, sources: dict[str, Any]) -> None:
+    if source == "secret":
+        wrong = [algorithm for algorithm in algorithms if algorithm not in HMAC_ALGORITHMS]
+        if wrong:
+            raise ValueError(f"an issuer with a secret may list only HS256, HS384 or HS512, not {', '.join(wrong)}")
+        size = len(sources["secret"].get_secret_value().encode())
+        for algorithm in algorithms:
+            if size < HMAC_MIN_SECRET_BYTES[algorithm]:
+                need = HMAC_MIN_SECRET_BYTES[algorithm]
+                raise ValueError(f"{algorithm} needs a secret of at least {need} bytes; this one has {size}")
+        return
+    wrong = [algorithm for algorithm in algorithms if algorithm in HMAC_ALGORITHMS]
+    if wrong:
+        raise ValueError(
+            f"an issuer with {source} may list only asymmetric algorithms (RS*, PS*, ES*, EdDSA), not "
+            f"{', '.join(wrong)}: HMAC keyed with a public key is the classic key-confusion attack"
+        )
+    if source == "public_key":
+        for algorithm in algorithms:
+            problem = public_key_problem(sources["public_key"], algorithm)
+            if problem:
+                raise ValueError(problem)
+
+
+class JwtConfig(_Model):
+    leeway_s: Annotated[float, Field(ge=0, le=60)] = 30.0
+    issuers: Annotated[list[JwtIssuerConfig], Field(min_length=1)]
+
+    @field_validator("issuers")
+    @classmethod
+    def _unique_issuers(cls, issuers: list[JwtIssuerConfig]) -> list[JwtIssuerConfig]:
+        seen: dict[str, int] = {}
+        for index, issuer in enumerate(issuers):
+            if issuer.issuer in seen:
+                raise ValueError(f"issuer {issuer.issuer!r} is listed twice (at [{seen[issuer.issuer]}] and [{index}])")
+            seen[issuer.issuer] = index
+        return issuers
+
+
+class AuthConfig(_Model):
+    jwt: JwtConfig | None = None
+
+
 class GatewayConfig(_Model):
     server: ServerConfig = ServerConfig()
     store: StoreConfig = StoreConfig()
     admin: AdminConfig = AdminConfig()
+    auth: AuthConfig = AuthConfig()
     upstreams: dict[str, UpstreamConfig] = {}
     models: dict[str, ModelConfig] = {}
     policies: dict[str, PolicyConfig] = {"default": PolicyConfig()}

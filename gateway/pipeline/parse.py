@@ -60,5 +60,6 @@ class ParseBody:
         else:
             _expect(body, "input", (str, list), "a string or an array", required=True)
         user = _expect(body, "user", str, "a string", required=False)
-        request.user = user or request.headers.get("x-gateway-user")
+        principal_user = request.principal.user if request.principal is not None else None
+        request.user = user or request.headers.get("x-gateway-user") or principal_user
         return await call_next(request)

@@ -1,4 +1,10 @@
-"""The one interface every piece of shared state goes through."""
+"""The one interface every piece of shared state goes through.
+
+Keys are plain strings namespaced by their owner (`tenant:acme`, `apikey:<prefix>`, ...); values
+are bytes (JSON documents, by convention). Every operation that two replicas could race on is
+atomic in every backend: `add` (create if absent), `incr`, `delete`. There is no read-modify-write
+API on purpose: callers that need one get a dedicated atomic operation here instead.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +25,33 @@ class StoreError(Exception):
     """The store cannot be reached or used; the message names the backend, never a password."""
 
 
+def check_ttl(ttl_s: float | None) -> None:
+    """Refuse a TTL that is not a positive number of seconds (a caller's bug, not a store failure)."""
+    if ttl_s is not None and not ttl_s > 0:
+        raise ValueError(f"ttl_s must be a positive number of seconds or None, got {ttl_s!r}")
+
+
+class Subscription(Protocol):
+    """What `Store.subscribe` returns: an async iterator of messages that holds a resource until closed.
+
+    Use it as `async with store.subscribe(channel) as messages: async for message in messages: ...`.
+    Entering waits until the subscription is live, so everything published after that is delivered;
+    leaving closes it. Iterated without `async with`, it goes live when the first `__anext__` starts,
+    and the caller must `await messages.aclose()`. `aclose()` (of the subscription or of the store)
+    ends the iteration; an unreachable store raises StoreError from `__anext__`.
+    """
+
+    def __aiter__(self) -> Subscription: ...
+
+    async def __anext__(self) -> bytes: ...
+
+    async def __aenter__(self) -> Subscription: ...
+
+    async def __aexit__(self, *exc_info: object) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
 class Store(Protocol):
     url: str  # safe to show: credentials removed
 
@@ -28,8 +61,39 @@ class Store(Protocol):
 
     async def get(self, key: str) -> bytes | None: ...
 
-    async def set(self, key: str, value: bytes, ttl_s: float | None = None) -> None: ...
+    async def set(self, key: str, value: bytes, ttl_s: float | None = None) -> None:
+        """Create or replace `key`; `ttl_s` > 0 makes it expire (None: never; else ValueError)."""
+        ...
 
-    async def delete(self, key: str) -> None: ...
+    async def add(self, key: str, value: bytes, ttl_s: float | None = None) -> bool:
+        """Create `key` only if it does not exist (atomically); False if it already did."""
+        ...
 
-    async def aclose(self) -> None: ...
+    async def delete(self, key: str) -> bool:
+        """Remove `key`; False if it did not exist."""
+        ...
+
+    async def scan(self, prefix: str) -> list[tuple[str, bytes]]:
+        """Every live (key, value) whose key starts with `prefix`, sorted by key."""
+        ...
+
+    async def incr(self, key: str, amount: int = 1, ttl_s: float | None = None) -> int:
+        """Add `amount` to the integer at `key` (0 if absent) atomically and return the new value.
+
+        `ttl_s` is applied when the counter is created, never extended by later increments, so a
+        counter for a time window expires with its window. The value is stored as ASCII digits, so
+        `get` returns e.g. b"42"; a value that is not an integer raises StoreError.
+        """
+        ...
+
+    async def publish(self, channel: str, message: bytes) -> None:
+        """Tell every subscriber of `channel`, in this process and in every other replica."""
+        ...
+
+    def subscribe(self, channel: str) -> Subscription:
+        """Messages published to `channel` from now on, until the iterator is closed."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections and end open subscriptions; idempotent. Later calls reconnect."""
+        ...

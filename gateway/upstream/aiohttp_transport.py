@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator, Mapping
 
 import aiohttp
+import yarl
 
 from gateway.upstream.transport import ConnectFailed, ReadFailed, TimedOut, Timeouts, TransportError
 
@@ -63,6 +64,8 @@ class AiohttpTransport:
     def __init__(self, max_connections: int = 1000) -> None:
         self._max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
+        # Parsing a URL costs more than the rest of building a request: parse each one once.
+        self._urls: dict[str, yarl.URL] = {}
 
     def _get_session(self) -> aiohttp.ClientSession:
         # Created lazily so it binds to the running event loop, never at import or config time.
@@ -77,9 +80,14 @@ class AiohttpTransport:
         self, method: str, url: str, headers: Mapping[str, str], body: bytes | None, timeouts: Timeouts
     ) -> _Response:
         timeout = aiohttp.ClientTimeout(total=timeouts.total, sock_connect=timeouts.connect, sock_read=timeouts.read)
+        parsed = self._urls.get(url)
+        if parsed is None:
+            if len(self._urls) > 4096:  # bounded: URLs vary only by deployment or path
+                self._urls.clear()
+            parsed = self._urls[url] = yarl.URL(url)
         try:
             response = await self._get_session().request(
-                method, url, headers=headers, data=body, timeout=timeout, allow_redirects=False
+                method, parsed, headers=headers, data=body, timeout=timeout, allow_redirects=False
             )
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise _map_error(exc) from None

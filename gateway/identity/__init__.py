@@ -1,0 +1,1 @@
+"""Who is calling: identities from credentials other than the gateway's own API keys."""

@@ -1,0 +1,105 @@
+"""Everything the app builds from its config, and the start-up and shutdown of what needs it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from gateway.config.schema import GatewayConfig, UpstreamConfig
+from gateway.identity.authenticator import Authenticator
+from gateway.identity.jwt import JWTVerifier
+from gateway.identity.keyring import KeyRing
+from gateway.identity.tenants import TenantDirectory
+from gateway.metrics import Metrics
+from gateway.routing import Router
+from gateway.store import Store, open_store
+from gateway.upstream.aiohttp_transport import AiohttpTransport
+from gateway.upstream.client import UpstreamClient
+from gateway.upstream.providers import provider_for
+from gateway.upstream.transport import Transport
+
+logger = logging.getLogger("gateway")
+
+TransportFactory = Callable[[str, UpstreamConfig], Transport]
+
+
+def default_transport(name: str, config: UpstreamConfig) -> Transport:
+    return AiohttpTransport(max_connections=config.max_connections)
+
+
+@dataclass(slots=True)
+class Services:
+    config: GatewayConfig
+    router: Router
+    metrics: Metrics
+    store: Store
+    tenants: TenantDirectory
+    keys: KeyRing
+    authenticator: Authenticator
+    transport_factory: TransportFactory
+    clients: dict[str, UpstreamClient] = field(default_factory=dict)
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @classmethod
+    def build(
+        cls,
+        config: GatewayConfig,
+        *,
+        transport_factory: TransportFactory = default_transport,
+        metrics: Metrics | None = None,
+        store: Store | None = None,
+    ) -> Services:
+        store = store or open_store(config.store.url)
+        tenants = TenantDirectory(config, store)
+        keys = KeyRing(config, store)
+        jwt = JWTVerifier(config.auth.jwt) if config.auth.jwt is not None and config.auth.jwt.issuers else None
+        return cls(
+            config=config,
+            router=Router(config),
+            metrics=metrics or Metrics(),
+            store=store,
+            tenants=tenants,
+            keys=keys,
+            authenticator=Authenticator(store, tenants, keys, jwt),
+            transport_factory=transport_factory,
+        )
+
+    async def start(self) -> None:
+        _warn_about_config(self.config)
+        for name, upstream in self.config.upstreams.items():
+            transport = self.transport_factory(name, upstream)
+            self.clients[name] = UpstreamClient(name, upstream, provider_for(upstream), transport)
+        self._tasks.append(asyncio.create_task(self.authenticator.watch(), name="identity-watch"))
+        self._tasks.append(asyncio.create_task(self.authenticator.flush_periodically(), name="last-used-flush"))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        with contextlib.suppress(Exception):
+            await self.keys.flush_last_used()
+        for client in self.clients.values():
+            await client.transport.aclose()
+        if self.authenticator.jwt is not None:
+            await self.authenticator.jwt.aclose()
+        await self.store.aclose()
+
+
+def _warn_about_config(config: GatewayConfig) -> None:
+    for name, upstream in config.upstreams.items():
+        if not upstream.api_key.get_secret_value() and "://127.0.0.1" not in upstream.base_url:
+            hint = "OPENAI_API_KEY" if upstream.kind == "openai" else "AZURE_OPENAI_API_KEY"
+            logger.warning(
+                "upstream %r has no api_key: its requests will fail with upstream_auth_failed. "
+                "Set it (for example `export %s=sk-...`) or try `make demo`, which uses the built-in mock.",
+                name,
+                hint,
+            )
+    if not config.tenants and not config.admin.api_keys:
+        logger.warning("no tenants and no admin key are configured: every API request will get 401")
