@@ -120,7 +120,14 @@ def create_app(
     def proxy(endpoint: Endpoint) -> ProxyEndpoint:
         stages: list[Stage] = [Authenticate(authenticator), ParseBody(), ModelAccess(router)]
         handler = build_pipeline(stages, Forward(router, services.clients))
-        return ProxyEndpoint(endpoint, handler, services.metrics, config.server.max_body_bytes, models)
+        return ProxyEndpoint(
+            endpoint,
+            handler,
+            services.metrics,
+            config.server.max_body_bytes,
+            models,
+            access_log=config.server.access_log,
+        )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

@@ -21,6 +21,7 @@ from gateway.metrics import Metrics
 from gateway.request_id import request_id_from
 
 logger = logging.getLogger("gateway.proxy")
+access_logger = logging.getLogger("gateway.access")
 
 
 class _DisconnectWatcher:
@@ -86,6 +87,22 @@ async def send_error(send: Send, error: GatewayError, id_header: tuple[bytes, by
     await send({"type": "http.response.body", "body": body})
 
 
+def _log_access(request: ProxyRequest, status: int, elapsed: float) -> None:
+    principal = request.principal
+    access_logger.info(
+        "request_id=%s endpoint=%s tenant=%s key=%s user=%r model=%r stream=%s status=%d duration_ms=%.1f",
+        request.request_id,
+        request.endpoint.name,
+        principal.tenant if principal else "-",
+        principal.key_id if principal else "-",
+        request.user or "-",
+        request.model or "-",
+        request.stream,
+        status,
+        elapsed * 1000,
+    )
+
+
 class ProxyEndpoint:
     def __init__(
         self,
@@ -94,12 +111,15 @@ class ProxyEndpoint:
         metrics: Metrics,
         max_body_bytes: int,
         models: frozenset[str],
+        *,
+        access_log: bool = False,
     ) -> None:
         self._endpoint = endpoint
         self._handler = handler
         self._metrics = metrics
         self._max_body_bytes = max_body_bytes
         self._models = models
+        self._access_log = access_log
         # Resolving label values costs ~10 µs a call: do it once per label set, not per request.
         self._duration = metrics.request_duration.labels(endpoint.name)
         self._overhead = metrics.overhead.labels(endpoint.name)
@@ -153,7 +173,10 @@ class ProxyEndpoint:
         finally:
             self._metrics.in_flight.dec()
             self._count(request.model, status)
-            self._duration.observe(time.perf_counter() - started)
+            elapsed = time.perf_counter() - started
+            self._duration.observe(elapsed)
+            if self._access_log:
+                _log_access(request, status, elapsed)
 
     def _count(self, model: str, status: int) -> None:
         # Only configured models get their own label value: clients choose `model` freely. The cache is

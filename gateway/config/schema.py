@@ -23,6 +23,8 @@ class ServerConfig(_Model):
     port: Annotated[int, Field(ge=0, le=65535)] = 8080
     workers: Annotated[int, Field(ge=1)] = 1
     max_body_bytes: Annotated[int, Field(gt=0)] = 10 * 1024 * 1024
+    # One line per proxied request: ids, tenant, key, end user, model, status, timings. Never a prompt.
+    access_log: bool = False
 
 
 class StoreConfig(_Model):
@@ -154,7 +156,7 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def public_key_problem(pem: str, algorithm: str) -> str | None:
+def _public_key_problem(pem: str, algorithm: str) -> str | None:
     """Why `pem` cannot verify `algorithm` tokens (wrong key type, curve or size), or None if it can."""
     algorithm_impl = get_default_algorithms()[algorithm]
     try:
@@ -215,8 +217,14 @@ class JwtIssuerConfig(_Model):
     @field_validator("secret")
     @classmethod
     def _long_secret(cls, secret: SecretStr | None) -> SecretStr | None:
-        if secret is not None and len(secret.get_secret_value().encode()) < HMAC_MIN_SECRET_BYTES["HS256"]:
+        if secret is None:
+            return None
+        if len(secret.get_secret_value().encode()) < HMAC_MIN_SECRET_BYTES["HS256"]:
             raise ValueError("the secret must be at least 32 bytes long (RFC 7518); an empty ${VAR:-} counts too")
+        try:
+            get_default_algorithms()["HS256"].prepare_key(secret.get_secret_value())
+        except Exception:  # pyjwt refuses a PEM, SSH or DER key as an HMAC secret
+            raise ValueError("the secret is a public key or certificate; give such a key as public_key") from None
         return secret
 
     @field_validator("algorithms")
@@ -262,7 +270,7 @@ def _check_algorithms_fit(algorithms: list[str], source: str, sources: dict[str,
         )
     if source == "public_key":
         for algorithm in algorithms:
-            problem = public_key_problem(sources["public_key"], algorithm)
+            problem = _public_key_problem(sources["public_key"], algorithm)
             if problem:
                 raise ValueError(problem)
 

@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.ed448 import Ed448PublicKey
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
-from jwt import PyJWK, PyJWS
+from jwt import PyJWK
 from jwt.algorithms import get_default_algorithms
 from jwt.exceptions import PyJWTError
 
@@ -50,9 +50,9 @@ Clock = Callable[[], float]
 _ALGORITHMS = {
     name: impl for name, impl in get_default_algorithms().items() if name in HMAC_ALGORITHMS | ASYMMETRIC_ALGORITHMS
 }
-_JWS = PyJWS(algorithms=sorted(_ALGORITHMS))  # used only to split and decode; `none` is not registered
 _PUBLIC_KEY_TYPES = (RSAPublicKey, EllipticCurvePublicKey, Ed25519PublicKey, Ed448PublicKey)
-_JWT_SHAPE = re.compile(r"([A-Za-z0-9_-]+)={0,2}\.[A-Za-z0-9_-]+={0,2}\.[A-Za-z0-9_-]*={0,2}")
+# Three base64url segments (trailing `=` tolerated, as some issuers send it); the signature may be empty.
+_JWT_SHAPE = re.compile(r"([A-Za-z0-9_-]+)={0,2}\.([A-Za-z0-9_-]+)={0,2}\.([A-Za-z0-9_-]*)={0,2}")
 _MAX_HEADER_CHARS = 4096
 
 
@@ -70,12 +70,19 @@ def looks_like_jwt(token: str) -> bool:
     match = _JWT_SHAPE.fullmatch(token)
     if match is None or len(match.group(1)) > _MAX_HEADER_CHARS:
         return False
-    segment = match.group(1)
     try:
-        header = orjson.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
+        header = orjson.loads(_b64decode(match.group(1)))
     except ValueError:
         return False
     return isinstance(header, dict) and isinstance(header.get("alg"), str)
+
+
+def _b64decode(segment: str) -> bytes:
+    """Strict base64url: only the canonical encoding of the bytes is accepted (ValueError otherwise)."""
+    data = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+    if base64.urlsafe_b64encode(data).rstrip(b"=") != segment.encode():
+        raise ValueError("not canonical base64url")
+    return data
 
 
 class JWTVerifier:
@@ -123,17 +130,21 @@ def _parse(token: str) -> tuple[dict[str, Any], dict[str, Any], bytes, bytes]:
     """Header, claims, signing input and signature, none of them verified yet."""
     if len(token) > MAX_TOKEN_CHARS:
         raise AuthenticationFailed(f"The bearer token is longer than the {MAX_TOKEN_CHARS} characters accepted.")
-    if not token.isascii() or token.count(".") != 2:
+    match = _JWT_SHAPE.fullmatch(token)
+    if match is None:
         raise _malformed()
-    raw = token.encode()
     try:
-        decoded = _JWS.decode_complete(raw, options={"verify_signature": False})
-        claims = orjson.loads(decoded["payload"])
-    except (PyJWTError, orjson.JSONDecodeError):
+        header = orjson.loads(_b64decode(match.group(1)))
+        claims = orjson.loads(_b64decode(match.group(2)))
+        signature = _b64decode(match.group(3))
+    except ValueError:  # binascii.Error and orjson.JSONDecodeError are ValueErrors
         raise _malformed() from None
-    if not isinstance(claims, dict):
+    # No critical extensions are understood (RFC 7515 4.1.11), and unencoded payloads (b64) are not taken.
+    if not isinstance(header, dict) or not isinstance(claims, dict) or "crit" in header or "b64" in header:
         raise _malformed()
-    return decoded["header"], claims, raw.rpartition(b".")[0], decoded["signature"]
+    if "kid" in header and not isinstance(header["kid"], str):
+        raise _malformed()
+    return header, claims, token.rpartition(".")[0].encode(), signature
 
 
 def _signature_ok(alg: str, signing_input: bytes, key: Any, signature: bytes) -> bool:

@@ -6,6 +6,7 @@ channel, so a revocation takes effect on every replica as soon as the message ar
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 from gateway.config.schema import GatewayConfig
 from gateway.errors import NotFound
 from gateway.identity.keys import KeyRecord, format_time, hash_key, key_id_of, new_key, now_utc
-from gateway.identity.tenants import CHANNEL
+from gateway.identity.tenants import CACHE_TTL_S, CHANNEL
 from gateway.store import Store
 
 _MAX_CACHED = 50_000
@@ -33,7 +34,7 @@ class KeyRing:
                 digest = key.sha256 or hash_key(key.key.get_secret_value() if key.key else "")
                 self.configured[digest] = (tenant_name, key.id)
         self._configured_ids = {key_id for _, key_id in self.configured.values()}
-        self._cache: dict[str, KeyRecord | None] = {}
+        self._cache: dict[str, tuple[KeyRecord, float]] = {}
         self._last_used: dict[str, str] = {}
 
     async def find(self, key: str) -> KeyRecord | None:
@@ -48,14 +49,16 @@ class KeyRing:
         return record
 
     async def get_record(self, key_id: str) -> KeyRecord | None:
-        if key_id in self._cache:
-            return self._cache[key_id]
+        cached = self._cache.get(key_id)
+        now = time.monotonic()
+        if cached is not None and now - cached[1] < CACHE_TTL_S:
+            return cached[0]
         raw = await self._store.get(f"apikey:{key_id}")
         record = None if raw is None else KeyRecord.loads(raw)
         if len(self._cache) >= _MAX_CACHED:
             self._cache.clear()
         if record is not None:  # unknown ids are not cached: guessing them must not grow memory
-            self._cache[key_id] = record
+            self._cache[key_id] = (record, now)
         return record
 
     def forget(self, key_id: str) -> None:

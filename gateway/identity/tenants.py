@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -15,6 +16,8 @@ from gateway.identity.keys import format_time, now_utc
 from gateway.store import Store
 
 TENANT_ID = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
+# Invalidation messages make changes visible at once; the TTL bounds the damage of a lost one.
+CACHE_TTL_S = 30.0
 CHANNEL = "identity"  # invalidation messages: b"tenant:<id>" and b"key:<id>"
 
 
@@ -41,7 +44,7 @@ class TenantDirectory:
         self._configured = {
             name: TenantRecord(name, tenant.policy, source="config") for name, tenant in config.tenants.items()
         }
-        self._cache: dict[str, tuple[TenantRecord, PolicyConfig]] = {}
+        self._cache: dict[str, tuple[TenantRecord, PolicyConfig, float]] = {}
 
     def effective_policy(self, policy_name: str, overrides: dict[str, Any], param: str = "overrides") -> PolicyConfig:
         """The named policy with `overrides` applied on top, validated like the config file."""
@@ -64,16 +67,19 @@ class TenantDirectory:
 
     async def resolve(self, tenant_id: str) -> tuple[TenantRecord, PolicyConfig] | None:
         """The tenant and its effective policy, or None; cached until an invalidation arrives."""
-        if tenant_id in self._cache:
-            return self._cache[tenant_id]
+        cached = self._cache.get(tenant_id)
+        now = time.monotonic()
+        if cached is not None and now - cached[2] < CACHE_TTL_S:
+            return cached[0], cached[1]
         record = self._configured.get(tenant_id)
         if record is None:
             raw = await self._store.get(f"tenant:{tenant_id}")
             record = None if raw is None else TenantRecord(**orjson.loads(raw))
         if record is None:
             return None  # not cached: unknown ids must not grow the cache
-        resolved = self._cache[tenant_id] = (record, self.effective_policy(record.policy, record.overrides))
-        return resolved
+        policy = self.effective_policy(record.policy, record.overrides)
+        self._cache[tenant_id] = (record, policy, now)
+        return record, policy
 
     def forget(self, tenant_id: str) -> None:
         self._cache.pop(tenant_id, None)

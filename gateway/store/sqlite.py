@@ -10,8 +10,10 @@ hop to a thread (`asyncio.to_thread` or a dedicated executor), and a write ~20 u
 us. A statement that finds the file locked by another process fails at once with SQLITE_BUSY,
 having done nothing, and is retried on the worker connection in the store's one worker thread,
 which waits up to `busy_timeout_s`. `scan`, which may read many rows, always runs there. The loop
-connection never checkpoints, so it never fsyncs: after a write, at most once per
-`maintenance_interval_s`, the worker checkpoints the WAL and purges expired keys and old events.
+connection never checkpoints, so it never fsyncs: the worker checkpoints the WAL and purges expired
+keys and old events every 500 writes, and after any write once `maintenance_interval_s` has passed.
+Writes made meanwhile queue behind it on the worker, so the checkpoint completes and the WAL stays
+small (~7 MB at most under a sustained 12k writes/s, against ~170 MB when the loop kept writing).
 
 Pub/sub: `publish` appends to the `events` table, and each subscription polls it by `id > last seen`
 (an index range read, ~10 us) every `poll_interval_s`. Delivery to another process or store
@@ -72,6 +74,11 @@ _LAST_EVENT = "SELECT coalesce(max(id), 0) FROM events"
 _POLL = "SELECT id, message FROM events WHERE channel = :channel AND id > :after ORDER BY id LIMIT 500"
 _PUBLISH = "INSERT INTO events (channel, message, created_at) VALUES (:channel, :message, :now)"
 _NOT_AN_INTEGER = "user-defined function raised exception"
+_CHECKPOINT_WRITES = 500  # ~2000 WAL pages (~4 a write): SQLite's own autocheckpoint is at 1000
+
+
+class _Deferred(Exception):
+    """A write that must go to the worker thread."""
 
 
 def _add(value: bytes | str, amount: int) -> bytes:
@@ -86,11 +93,6 @@ def _prefix_end(prefix: str) -> str | None:
         return None
     following = ord(stripped[-1]) + 1
     return stripped[:-1] + chr(0xE000 if 0xD800 <= following <= 0xDFFF else following)
-
-
-def _log_failure(future: Future[None]) -> None:
-    if not future.cancelled() and (exc := future.exception()) is not None:
-        logger.warning("SQLite store maintenance failed: %s", exc)
 
 
 class SQLiteStore:
@@ -110,6 +112,8 @@ class SQLiteStore:
         self._event_retention_s = event_retention_s
         self._maintenance_interval_s = maintenance_interval_s
         self._next_maintenance = 0.0
+        self._maintenance_pending = False
+        self._writes = 0  # since the last maintenance
         self._conn: sqlite3.Connection | None = None  # the loop connection: event-loop thread only
         self._worker: ThreadPoolExecutor | None = None
         self._worker_conn: sqlite3.Connection | None = None  # the worker thread only
@@ -164,17 +168,32 @@ class SQLiteStore:
     async def _execute(self, sql: str, params: Params, *, write: bool = False) -> list[Any]:
         conn = self._conn or await self._connection()
         try:
+            if write and self._maintenance_pending:
+                raise _Deferred  # queued behind the checkpoint, so that it completes and the WAL starts over
             rows = conn.execute(sql, params).fetchall()
-        except sqlite3.OperationalError as exc:
-            if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY:
+        except (sqlite3.OperationalError, _Deferred) as exc:
+            if isinstance(exc, sqlite3.OperationalError) and exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY:
                 raise self._error(exc) from None
             rows = await self._in_worker(lambda conn: conn.execute(sql, params).fetchall())
         except sqlite3.Error as exc:
             raise self._error(exc) from None
-        if write and time.monotonic() >= self._next_maintenance and self._worker is not None:
-            self._next_maintenance = time.monotonic() + self._maintenance_interval_s
-            self._worker.submit(self._maintain).add_done_callback(_log_failure)
+        if write:
+            self._writes += 1
+            if self._writes >= _CHECKPOINT_WRITES or time.monotonic() >= self._next_maintenance:
+                self._schedule_maintenance()
         return rows
+
+    def _schedule_maintenance(self) -> None:
+        if self._worker is None or self._maintenance_pending:
+            return
+        self._writes, self._maintenance_pending = 0, True
+        self._next_maintenance = time.monotonic() + self._maintenance_interval_s
+        self._worker.submit(self._maintain).add_done_callback(self._maintained)
+
+    def _maintained(self, future: Future[None]) -> None:
+        self._maintenance_pending = False
+        if not future.cancelled() and (exc := future.exception()) is not None:
+            logger.warning("SQLite store %s: maintenance failed: %s", self.url, exc)
 
     def _maintain(self) -> None:
         conn, now = self._worker_connection(), time.time()

@@ -513,6 +513,25 @@ GOOD_PAYLOAD = b64json(claims())
         f"{b64json({'alg': 'RS256', 'kid': 7})}.{GOOD_PAYLOAD}.c2lnbmF0dXJl",
         f"{b64json({'alg': 'RS256', 'crit': ['exp']})}.{GOOD_PAYLOAD}.c2lnbmF0dXJl",
         f"{GOOD_HEADER}.{GOOD_PAYLOAD}.c2lnbmF0dXJl\u00e9",
+        f"{b64json({'alg': 'RS256', 'b64': False})}.{GOOD_PAYLOAD}.c2lnbmF0dXJl",
+        f"{GOOD_HEADER}.{GOOD_PAYLOAD}.QUF",
+    ],
+    ids=[
+        "empty",
+        "one-segment",
+        "two-segments",
+        "four-segments",
+        "header-not-base64url",
+        "header-not-json",
+        "header-not-object",
+        "payload-not-json",
+        "payload-not-object",
+        "signature-not-base64url",
+        "kid-not-string",
+        "unsupported-crit",
+        "non-ascii",
+        "unencoded-payload",
+        "non-canonical-base64",
     ],
 )
 async def test_a_malformed_token_is_rejected(verifier: JWTVerifier, server: JwksServer, token: str) -> None:
@@ -864,6 +883,8 @@ def test_a_public_key_must_be_a_pem_key_that_fits_the_algorithms(keys: Keys) -> 
     [problem] = _problems(pem_issuer(keys, algorithms=["RS256", "HS256"]))
     assert problem.startswith(f"{P}.algorithms: an issuer with public_key may list only asymmetric algorithms")
     assert "key-confusion" in problem
+    [problem] = _problems(hs_issuer(secret=keys.rsa_pem()))  # HS256 keyed with a public key: anyone could sign
+    assert problem.startswith(f"{P}.secret: the secret is a public key or certificate")
     [problem] = _problems(pem_issuer(keys, algorithms=["ES256"]))
     assert problem == f"{P}.algorithms: public_key cannot verify ES256 tokens (wrong key type or curve)"
     private_pem = keys.rsa.private_bytes(
