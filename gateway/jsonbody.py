@@ -55,3 +55,34 @@ def dumps(value: Any) -> bytes:
         return orjson.dumps(value)
     except TypeError:  # an integer beyond 64 bits, kept exact by the parser
         return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def expect(body: dict[str, Any], name: str, kind: type | tuple[type, ...], what: str, *, required: bool = False) -> Any:
+    """The field `name` of a parsed body if it has the JSON type `what`; None if absent and optional."""
+    value = body.get(name)
+    if value is None:
+        if required:
+            raise InvalidRequest(
+                f"Missing required parameter: '{name}'.", param=name, code="missing_required_parameter"
+            )
+        return None
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        raise InvalidRequest(
+            f"Invalid type for '{name}': expected {what}, but got {_json_type(value)}.",
+            param=name,
+            code="invalid_type",
+        )
+    return value
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "an array",
+        dict: "an object",
+    }.get(type(value), type(value).__name__)

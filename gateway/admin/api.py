@@ -17,10 +17,11 @@ from gateway.errors import InvalidRequest
 from gateway.identity.keyring import KeyRing
 from gateway.identity.keys import KeyRecord, format_time, now_utc, parse_time
 from gateway.identity.tenants import TenantDirectory
-from gateway.jsonbody import parse_object
+from gateway.jsonbody import expect, parse_object
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 _MAX_ADMIN_BODY = 64 * 1024
+_MAX_GRACE_PERIOD_S = 365 * 24 * 3600  # a bound also keeps the expiry time representable
 
 
 def _listing(data: list[dict[str, Any]]) -> JSONResponse:
@@ -34,21 +35,8 @@ async def _body(request: Request) -> dict[str, Any]:
     return parse_object(raw) if raw.strip() else {}
 
 
-def _field(body: dict[str, Any], name: str, kind: type | tuple[type, ...], what: str, required: bool = False) -> Any:
-    value = body.get(name)
-    if value is None:
-        if required:
-            raise InvalidRequest(
-                f"Missing required parameter: '{name}'.", param=name, code="missing_required_parameter"
-            )
-        return None
-    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-        raise InvalidRequest(f"Invalid type for '{name}': expected {what}.", param=name, code="invalid_type")
-    return value
-
-
 def _shape(body: dict[str, Any], name: str, model: type[BaseModel]) -> dict[str, Any] | None:
-    value = _field(body, name, dict, "an object")
+    value = expect(body, name, dict, "an object")
     if value is None:
         return None
     try:
@@ -60,7 +48,7 @@ def _shape(body: dict[str, Any], name: str, model: type[BaseModel]) -> dict[str,
 
 
 def _expiry(body: dict[str, Any]) -> str | None:
-    text = _field(body, "expires_at", str, "an RFC 3339 timestamp")
+    text = expect(body, "expires_at", str, "an RFC 3339 timestamp")
     if text is None:
         return None
     try:
@@ -103,9 +91,9 @@ class AdminAPI:
         (await self._scope(request)).require_global("create tenants")
         body = await _body(request)
         record = await self._tenants.create(
-            _field(body, "id", str, "a string", required=True),
-            _field(body, "policy", str, "a string") or "default",
-            _field(body, "overrides", dict, "an object") or {},
+            expect(body, "id", str, "a string", required=True),
+            expect(body, "policy", str, "a string") or "default",
+            expect(body, "overrides", dict, "an object") or {},
         )
         return JSONResponse(record.public(), status_code=201)
 
@@ -127,7 +115,7 @@ class AdminAPI:
         scope.require_global("change a tenant's policy")
         body = await _body(request)
         record = await self._tenants.update(
-            tenant, _field(body, "policy", str, "a string"), _field(body, "overrides", dict, "an object")
+            tenant, expect(body, "policy", str, "a string"), expect(body, "overrides", dict, "an object")
         )
         return JSONResponse(record.public())
 
@@ -146,14 +134,14 @@ class AdminAPI:
         scope.check_tenant(tenant)
         await self._tenants.get(tenant)
         body = await _body(request)
-        models = _field(body, "models", list, "an array of model names")
+        models = expect(body, "models", list, "an array of model names")
         for model in models or []:
             if not isinstance(model, str) or (model != "*" and model not in self._config.models):
                 raise InvalidRequest(f"Unknown model {model!r} in 'models'.", param="models")
-        metadata = _field(body, "metadata", dict, "an object")
+        metadata = expect(body, "metadata", dict, "an object")
         record, key = await self._keys.create(
             tenant,
-            _field(body, "name", str, "a string", required=True),
+            expect(body, "name", str, "a string", required=True),
             expires_at=_expiry(body),
             models=models,
             metadata=metadata,
@@ -185,8 +173,11 @@ class AdminAPI:
     async def rotate_key(self, request: Request) -> Response:
         scope, record = await self._key(request)
         body = await _body(request)
-        grace = _field(body, "grace_period_s", (int, float), "a number of seconds") or 0
-        if grace < 0:
-            raise InvalidRequest("'grace_period_s' cannot be negative.", param="grace_period_s")
+        grace = expect(body, "grace_period_s", (int, float), "a number of seconds") or 0
+        if not 0 <= grace <= _MAX_GRACE_PERIOD_S:
+            raise InvalidRequest(
+                f"'grace_period_s' must be between 0 and {_MAX_GRACE_PERIOD_S} seconds (a year).",
+                param="grace_period_s",
+            )
         new_record, key = await self._keys.rotate(record.id, scope.tenant, float(grace))
         return JSONResponse({**new_record.public(), "key": key}, status_code=201)

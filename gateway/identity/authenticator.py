@@ -14,7 +14,7 @@ from gateway.context import Principal
 from gateway.errors import AuthenticationFailed
 from gateway.identity.jwt import JWTVerifier, looks_like_jwt
 from gateway.identity.keyring import KeyRing
-from gateway.identity.keys import hash_key, now_utc
+from gateway.identity.keys import KeyRecord, hash_key, now_utc
 from gateway.identity.tenants import CHANNEL, TenantDirectory
 from gateway.store import Store
 
@@ -46,9 +46,15 @@ class Authenticator:
         self.jwt = jwt
         self._clock = clock
         self._principals: dict[str, Principal] = {}  # config keys, by hash: the hot path's cache
+        self._stored: dict[str, tuple[KeyRecord, Principal]] = {}  # stored keys, by id
+        self._tenants_generation = tenants.generation
 
     async def authenticate(self, authorization: str | None) -> Principal:
         token = bearer_token(authorization)
+        if self._tenants_generation != self.tenants.generation:  # a tenant changed in this process
+            self._tenants_generation = self.tenants.generation
+            self._principals.clear()
+            self._stored.clear()
         digest = hash_key(token)
         principal = self._principals.get(digest)
         if principal is not None:
@@ -79,11 +85,17 @@ class Authenticator:
             raise AuthenticationFailed(f"This API key was revoked at {record.revoked_at}.", code="key_revoked")
         if record.expired(self._clock()):
             raise AuthenticationFailed(f"This API key expired at {record.expires_at}.", code="key_expired")
+        cached = self._stored.get(record.id)
+        # The same cached record and tenant policy: the same principal. The tenant is checked too, so a
+        # change made on this replica applies at once, not only when its invalidation message loops back.
+        resolved = await self.tenants.resolve(record.tenant)
+        if cached is not None and cached[0] is record and resolved is not None and cached[1].policy is resolved[1]:
+            return cached[1]
         principal = await self._principal(record.tenant, record.id)
         key_policy = None
         if record.budget or record.rate_limit:
             key_policy = PolicyConfig.model_validate({"budget": record.budget, "rate_limit": record.rate_limit})
-        return Principal(
+        principal = Principal(
             principal.tenant,
             record.id,
             principal.policy_name,
@@ -91,6 +103,10 @@ class Authenticator:
             key_models=None if record.models is None else frozenset(record.models),
             key_policy=key_policy,
         )
+        if len(self._stored) >= 50_000:
+            self._stored.clear()
+        self._stored[record.id] = (record, principal)
+        return principal
 
     async def _principal(self, tenant: str, key_id: str) -> Principal:
         resolved = await self.tenants.resolve(tenant)
@@ -101,7 +117,8 @@ class Authenticator:
 
     def forget(self, message: bytes) -> None:
         kind, _, ident = message.decode().partition(":")
-        self._principals.clear()  # rare: any tenant change may touch a cached config-key principal
+        self._principals.clear()  # rare: any tenant change may touch a cached principal
+        self._stored.clear()
         if kind == "key":
             self.keys.forget(ident)
         elif kind == "tenant":

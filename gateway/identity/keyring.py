@@ -13,7 +13,7 @@ from typing import Any
 
 from gateway.config.schema import GatewayConfig
 from gateway.errors import NotFound
-from gateway.identity.keys import KeyRecord, format_time, hash_key, key_id_of, new_key, now_utc
+from gateway.identity.keys import KeyRecord, format_time, hash_key, key_id_of, new_key, now_utc, parse_time
 from gateway.identity.tenants import CACHE_TTL_S, CHANNEL
 from gateway.store import Store
 
@@ -45,7 +45,9 @@ class KeyRing:
         record = await self.get_record(key_id)
         if record is None or not record.matches(key):
             return None
-        self._last_used[key_id] = format_time(self._clock()) or ""
+        now = self._clock()
+        if record.revoked_at is None and not record.expired(now):  # a refused attempt is not a use
+            self._last_used[key_id] = format_time(now) or ""
         return record
 
     async def get_record(self, key_id: str) -> KeyRecord | None:
@@ -116,8 +118,8 @@ class KeyRing:
         now = self._clock()
         if after_s > 0:
             deadline = now + timedelta(seconds=after_s)
-            current = record.expires_at
-            if current is None or current > (format_time(deadline) or ""):
+            current = parse_time(record.expires_at)  # compare times, not strings: "…:01Z" > "…:01.25Z"
+            if current is None or current > deadline:
                 record.expires_at = format_time(deadline)
         elif record.revoked_at is None:
             record.revoked_at = format_time(now)

@@ -45,6 +45,7 @@ class TenantDirectory:
             name: TenantRecord(name, tenant.policy, source="config") for name, tenant in config.tenants.items()
         }
         self._cache: dict[str, tuple[TenantRecord, PolicyConfig, float]] = {}
+        self.generation = 0
 
     def effective_policy(self, policy_name: str, overrides: dict[str, Any], param: str = "overrides") -> PolicyConfig:
         """The named policy with `overrides` applied on top, validated like the config file."""
@@ -83,6 +84,7 @@ class TenantDirectory:
 
     def forget(self, tenant_id: str) -> None:
         self._cache.pop(tenant_id, None)
+        self.generation += 1  # tells caches built on tenants (the Authenticator's) to drop theirs
 
     async def get(self, tenant_id: str) -> TenantRecord:
         resolved = await self.resolve(tenant_id)

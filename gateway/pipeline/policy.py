@@ -15,6 +15,6 @@ class ModelAccess:
         principal = request.principal
         assert principal is not None, "Authenticate must run before ModelAccess"
         # An unknown model and a forbidden one look the same, as on OpenAI: never confirm it exists.
-        if request.model not in self._router or not principal.policy.allows_model(request.model):
+        if request.model not in self._router or not principal.allows_model(request.model):  # key and policy
             raise ModelNotFound(request.model)
         return await call_next(request)

@@ -5,15 +5,16 @@ RETURNING`), which SQLite runs under its single-writer lock, so `add` and `incr`
 processes. Expired rows are invisible to every operation and purged by the maintenance below.
 
 Speed: each store has two connections. The loop connection runs on the event-loop thread with
-busy_timeout 0. Measured (timeit, 10k rows): a point read there costs ~6-9 us against ~200 us for a
-hop to a thread (`asyncio.to_thread` or a dedicated executor), and a write ~20 us against ~200-250
-us. A statement that finds the file locked by another process fails at once with SQLITE_BUSY,
-having done nothing, and is retried on the worker connection in the store's one worker thread,
-which waits up to `busy_timeout_s`. `scan`, which may read many rows, always runs there. The loop
-connection never checkpoints, so it never fsyncs: the worker checkpoints the WAL and purges expired
-keys and old events every 500 writes, and after any write once `maintenance_interval_s` has passed.
-Writes made meanwhile queue behind it on the worker, so the checkpoint completes and the WAL stays
-small (~7 MB at most under a sustained 12k writes/s, against ~170 MB when the loop kept writing).
+busy_timeout 0. Measured (timeit and a loop of awaits, 10k rows, asyncio and uvloop): a point read
+there costs ~6-11 us against ~100-260 us through a thread (`asyncio.to_thread` or a dedicated
+executor), and a write ~15-60 us against ~200-250 us. A statement that finds the file locked by
+another process fails at once with SQLITE_BUSY, having done nothing, and is retried on the worker
+connection in the store's one worker thread, which waits up to `busy_timeout_s`. `scan`, which may
+read many rows, always runs there. The loop connection never checkpoints, so it never fsyncs: the
+worker checkpoints the WAL and purges expired keys and old events every 500 writes, and after any
+write once `maintenance_interval_s` has passed. Writes made meanwhile queue behind it on the worker,
+so the checkpoint completes and the WAL stays small (~7 MB at most under a sustained 12k writes/s,
+against ~170 MB when the loop kept writing).
 
 Pub/sub: `publish` appends to the `events` table, and each subscription polls it by `id > last seen`
 (an index range read, ~10 us) every `poll_interval_s`. Delivery to another process or store
