@@ -81,7 +81,12 @@ def _keys_create(args: argparse.Namespace) -> int:
     from gateway.identity.tenants import TenantDirectory
     from gateway.store import StoreError, open_store
 
-    _, config = _load(args.config)
+    path, config = _load(args.config)
+    if config.store.url.startswith("memory://"):
+        raise SystemExit(
+            f"{path}: store.url is memory://, which lives only inside one process: a key created here would "
+            "vanish at once. Use the sqlite:/// or redis:// store the gateway runs on."
+        )
 
     async def create() -> str:
         store = open_store(config.store.url)

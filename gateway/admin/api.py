@@ -163,7 +163,7 @@ class AdminAPI:
 
     async def get_key(self, request: Request) -> Response:
         _, record = await self._key(request)
-        return JSONResponse(record.public())
+        return JSONResponse(record.public(await self._keys.last_used(record.id)))
 
     async def revoke_key(self, request: Request) -> Response:
         scope, record = await self._key(request)

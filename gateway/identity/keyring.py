@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from gateway.config.schema import GatewayConfig
-from gateway.errors import NotFound
+from gateway.errors import Conflict, NotFound
 from gateway.identity.keys import KeyRecord, format_time, hash_key, key_id_of, new_key, now_utc, parse_time
 from gateway.identity.tenants import CACHE_TTL_S, CHANNEL
 from gateway.store import Store
@@ -100,9 +100,13 @@ class KeyRing:
             key_id = index_key.rsplit(":", 1)[1]
             raw = await self._store.get(f"apikey:{key_id}")
             if raw is not None:
-                used = await self._store.get(f"apikey-used:{key_id}")
-                listed.append(KeyRecord.loads(raw).public(None if used is None else used.decode()))
+                listed.append(KeyRecord.loads(raw).public(await self.last_used(key_id)))
         return listed
+
+    async def last_used(self, key_id: str) -> str | None:
+        """When the key last authenticated, as of the last flush of the batched times."""
+        used = await self._store.get(f"apikey-used:{key_id}")
+        return None if used is None else used.decode()
 
     async def get(self, key_id: str, tenant: str | None = None) -> KeyRecord:
         """The record, or 404 also when it belongs to a tenant other than `tenant` (never reveal it)."""
@@ -130,6 +134,11 @@ class KeyRing:
 
     async def rotate(self, key_id: str, tenant: str | None, grace_period_s: float) -> tuple[KeyRecord, str]:
         old = await self.get(key_id, tenant)
+        if old.revoked_at is not None or old.expired(self._clock()):
+            raise Conflict(
+                f"The API key {key_id!r} is revoked or expired; create a new key instead of rotating it.",
+                code="key_inactive",
+            )
         new_record, key = await self.create(
             old.tenant,
             old.name,
@@ -143,8 +152,10 @@ class KeyRing:
         return new_record, key
 
     async def revoke_all(self, tenant: str) -> None:
+        """Revoke every key of a deleted tenant, and drop it from the tenant's listing."""
         for index_key, _ in await self._store.scan(f"tenantkey:{tenant}:"):
             await self.revoke(index_key.rsplit(":", 1)[1])
+            await self._store.delete(index_key)
 
     async def flush_last_used(self) -> None:
         """Write the batched `last_used_at` times: one write per key per flush, off the request path."""

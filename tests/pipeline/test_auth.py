@@ -11,7 +11,6 @@ import pytest
 from gateway.config import GatewayConfig, parse_config
 from gateway.context import CHAT_COMPLETIONS, Principal, ProxyRequest, ProxyResponse
 from gateway.errors import AuthenticationFailed
-from gateway.identity import keys as keys_module
 from gateway.identity.authenticator import Authenticator
 from gateway.identity.keys import hash_key
 from gateway.pipeline.auth import Authenticate
@@ -140,7 +139,7 @@ async def test_a_stored_key_is_compared_by_hash_in_constant_time(
         compared.append((a, b))
         return original(a, b)
 
-    monkeypatch.setattr(keys_module.hmac, "compare_digest", spy)
+    monkeypatch.setattr(hmac, "compare_digest", spy)  # keys.py calls hmac.compare_digest
     with pytest.raises(AuthenticationFailed, match="Incorrect API key"):
         await auth.authenticate(f"Bearer {wrong}")
     # The stored hash against the hash of what was sent: never the key itself, never `==`.
