@@ -6,11 +6,11 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import jwt
 import pytest
+from fake_clock import FakeClock
 
 from gateway.config import GatewayConfig, parse_config
 from gateway.errors import AuthenticationFailed
@@ -57,17 +57,6 @@ def _config() -> GatewayConfig:
     )
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += timedelta(seconds=seconds)
-
-
 def token(secret: str = SECRET, **claims: Any) -> str:
     payload: dict[str, Any] = {
         "iss": ISSUER,
@@ -82,8 +71,8 @@ def token(secret: str = SECRET, **claims: Any) -> str:
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
+def clock() -> FakeClock:
+    return FakeClock()
 
 
 @pytest.fixture
@@ -95,7 +84,7 @@ Replica = Callable[[], Authenticator]
 
 
 @pytest.fixture
-async def replica(store: MemoryStore, clock: Clock) -> AsyncIterator[Replica]:
+async def replica(store: MemoryStore, clock: FakeClock) -> AsyncIterator[Replica]:
     """`replica()`: one more gateway process's Authenticator on the shared store."""
     made: list[Authenticator] = []
 
@@ -201,7 +190,7 @@ async def test_a_key_model_list_is_stricter_never_wider(
     assert {model for model in ("m1", "m2") if principal.allows_model(model)} == allowed
 
 
-async def test_a_key_expires_by_the_injected_clock(auth: Authenticator, clock: Clock) -> None:
+async def test_a_key_expires_by_the_injected_clock(auth: Authenticator, clock: FakeClock) -> None:
     _, key = await auth.keys.create("acme", "ci", expires_at="2030-01-01T12:01:00Z")
     clock.advance(59)
     assert (await auth.authenticate(f"Bearer {key}")).tenant == "acme"
@@ -211,7 +200,7 @@ async def test_a_key_expires_by_the_injected_clock(auth: Authenticator, clock: C
     assert error.message == "This API key expired at 2030-01-01T12:01:00Z."
 
 
-async def test_a_revoked_key_says_so(auth: Authenticator, clock: Clock) -> None:
+async def test_a_revoked_key_says_so(auth: Authenticator, clock: FakeClock) -> None:
     record, key = await auth.keys.create("acme", "ci", expires_at="2030-01-01T12:01:00Z")
     assert (await auth.authenticate(f"Bearer {key}")).key_id == record.id  # cached from here on
     await auth.keys.revoke(record.id)
@@ -239,7 +228,9 @@ async def test_rotation_without_grace_stops_the_old_key_at_once(auth: Authentica
     assert (principal.key_id, principal.key_models) == (new.id, frozenset({"m1"}))
 
 
-async def test_rotation_with_grace_keeps_the_old_key_for_the_grace_period(auth: Authenticator, clock: Clock) -> None:
+async def test_rotation_with_grace_keeps_the_old_key_for_the_grace_period(
+    auth: Authenticator, clock: FakeClock
+) -> None:
     old, old_key = await auth.keys.create("acme", "ci")
     await auth.authenticate(f"Bearer {old_key}")
     _, new_key = await auth.keys.rotate(old.id, "acme", 120)

@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import orjson
 import pytest
+from fake_clock import FakeClock
 
 from gateway.config import GatewayConfig, parse_config
 from gateway.errors import NotFound
@@ -35,20 +36,9 @@ def _config() -> GatewayConfig:
     )
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += timedelta(seconds=seconds)
-
-
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
+def clock() -> FakeClock:
+    return FakeClock()
 
 
 @pytest.fixture
@@ -57,7 +47,7 @@ def store() -> MemoryStore:
 
 
 @pytest.fixture
-def ring(store: MemoryStore, clock: Clock) -> KeyRing:
+def ring(store: MemoryStore, clock: FakeClock) -> KeyRing:
     return KeyRing(_config(), store, clock)
 
 
@@ -68,7 +58,7 @@ def test_config_keys_are_held_by_hash_only(ring: KeyRing) -> None:
     }
 
 
-async def test_a_created_key_is_stored_as_a_hash_only(ring: KeyRing, store: MemoryStore, clock: Clock) -> None:
+async def test_a_created_key_is_stored_as_a_hash_only(ring: KeyRing, store: MemoryStore, clock: FakeClock) -> None:
     record, key = await ring.create(
         "acme",
         "ci",
@@ -101,7 +91,7 @@ async def test_find_needs_the_whole_key(ring: KeyRing) -> None:
     assert await ring.find(f"sk-gw-{record.id}-{other.split('-', 3)[3]}") is None
 
 
-async def test_unknown_ids_are_not_cached(ring: KeyRing, store: MemoryStore, clock: Clock) -> None:
+async def test_unknown_ids_are_not_cached(ring: KeyRing, store: MemoryStore, clock: FakeClock) -> None:
     assert await ring.find("sk-gw-0123456789abcdef-" + "a" * 43) is None
     assert await ring.get_record("0123456789abcdef") is None
     # The record appears later (created by another replica or the CLI): found at once.
@@ -146,7 +136,7 @@ async def test_get_hides_another_tenants_key(ring: KeyRing) -> None:
         assert caught.value.message == f"No API key {key_id!r}."  # the same answer whoever owns it
 
 
-async def test_revoke_marks_forgets_and_publishes(ring: KeyRing, store: MemoryStore, clock: Clock) -> None:
+async def test_revoke_marks_forgets_and_publishes(ring: KeyRing, store: MemoryStore, clock: FakeClock) -> None:
     record, key = await ring.create("acme", "ci")
     await ring.find(key)  # cached now
     async with store.subscribe(CHANNEL) as messages:
@@ -168,7 +158,7 @@ async def test_revoking_another_tenants_key_changes_nothing(ring: KeyRing, store
     assert (await ring.get(record.id)).revoked_at is None
 
 
-async def test_revoke_after_a_grace_period_sets_the_expiry(ring: KeyRing, clock: Clock) -> None:
+async def test_revoke_after_a_grace_period_sets_the_expiry(ring: KeyRing, clock: FakeClock) -> None:
     record, _ = await ring.create("acme", "ci")
     later = await ring.revoke(record.id, after_s=90)
     assert (later.revoked_at, later.expires_at) == (None, "2030-01-01T12:01:30Z")
@@ -178,7 +168,7 @@ async def test_revoke_after_a_grace_period_sets_the_expiry(ring: KeyRing, clock:
     assert kept.expires_at == "2030-01-01T12:00:30Z"
 
 
-async def test_a_grace_period_never_extends_an_expiry_within_the_same_second(ring: KeyRing, clock: Clock) -> None:
+async def test_a_grace_period_never_extends_an_expiry_within_the_same_second(ring: KeyRing, clock: FakeClock) -> None:
     record, _ = await ring.create("acme", "ci", expires_at="2030-01-01T12:00:01Z")
     clock.now = datetime(2030, 1, 1, 12, 0, 0, 750000, tzinfo=UTC)
     kept = await ring.revoke(record.id, after_s=0.5)  # would end at 12:00:01.25, after the key's own expiry
@@ -187,7 +177,7 @@ async def test_a_grace_period_never_extends_an_expiry_within_the_same_second(rin
     assert parse_time(shorter.expires_at) == datetime(2030, 1, 1, 12, 0, 0, 850000, tzinfo=UTC)
 
 
-async def test_rotation_without_grace_revokes_the_old_key_at_once(ring: KeyRing, clock: Clock) -> None:
+async def test_rotation_without_grace_revokes_the_old_key_at_once(ring: KeyRing, clock: FakeClock) -> None:
     old, old_key = await ring.create("acme", "ci", models=["m1"], metadata={"team": "x"}, budget={"usd_per_day": 1.0})
     new, new_key = await ring.rotate(old.id, "acme", 0)
     assert new.id != old.id
@@ -199,7 +189,7 @@ async def test_rotation_without_grace_revokes_the_old_key_at_once(ring: KeyRing,
     assert await ring.find(new_key) == new
 
 
-async def test_rotation_with_grace_lets_the_old_key_expire_later(ring: KeyRing, clock: Clock) -> None:
+async def test_rotation_with_grace_lets_the_old_key_expire_later(ring: KeyRing, clock: FakeClock) -> None:
     old, _ = await ring.create("acme", "ci")
     new, _ = await ring.rotate(old.id, None, 300)
     stored = await ring.get(old.id)
@@ -228,7 +218,7 @@ async def test_revoke_all_touches_only_that_tenant(ring: KeyRing) -> None:
     assert (await ring.get(theirs.id)).revoked_at is None
 
 
-async def test_last_used_at_is_batched(ring: KeyRing, store: MemoryStore, clock: Clock) -> None:
+async def test_last_used_at_is_batched(ring: KeyRing, store: MemoryStore, clock: FakeClock) -> None:
     record, key = await ring.create("acme", "ci")
     assert (await ring.list("acme"))[0]["last_used_at"] is None
     await ring.find(key)
@@ -249,7 +239,7 @@ async def test_a_wrong_secret_does_not_count_as_a_use(ring: KeyRing, store: Memo
     assert await store.get(f"apikey-used:{record.id}") is None
 
 
-async def test_a_refused_key_does_not_count_as_a_use(ring: KeyRing, store: MemoryStore, clock: Clock) -> None:
+async def test_a_refused_key_does_not_count_as_a_use(ring: KeyRing, store: MemoryStore, clock: FakeClock) -> None:
     revoked, revoked_key = await ring.create("acme", "revoked")
     await ring.revoke(revoked.id)
     expired, expired_key = await ring.create("acme", "expired", expires_at="2030-01-01T12:00:10Z")
