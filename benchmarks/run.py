@@ -102,10 +102,12 @@ def _child_env() -> dict[str, str]:
 
 
 def start_service(stack: ExitStack, name: str, args: Sequence[str], port: int, workdir: Path) -> Service:
+    """Start `python -m gateway ARGS`, or `python ARGS` when ARGS starts with a script path."""
     log_path = workdir / f"{name}.log"
+    argv = [sys.executable, *args] if args[0].endswith(".py") else [sys.executable, "-m", "gateway", *args]
     with log_path.open("wb") as log:
         popen = subprocess.Popen(
-            [sys.executable, "-m", "gateway", *args],
+            argv,
             cwd=ROOT,
             env=_child_env(),
             stdin=subprocess.DEVNULL,
@@ -155,6 +157,28 @@ def start_mock(stack: ExitStack, workdir: Path) -> Service:
     mock = start_service(stack, "mock-upstream", ["mock-upstream", "--host", HOST, "--port", str(port)], port, workdir)
     wait_ready(mock, "/v1/models")
     return mock
+
+
+def start_reference(stack: ExitStack, workdir: Path, mock: Service) -> Service:
+    port = free_port()
+    script = str(Path(__file__).with_name("passthrough.py"))
+    args = [script, "--port", str(port), "--upstream", f"{mock.url}/v1", "--api-key", UPSTREAM_KEY]
+    reference = start_service(stack, "passthrough", args, port, workdir)
+    wait_ready_tcp(reference)
+    return reference
+
+
+def wait_ready_tcp(service: Service) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while True:
+        if service.popen.poll() is not None:
+            raise BenchError(f"{service.name} exited with code {service.popen.returncode}:\n{service.log_tail()}")
+        with socket.socket() as probe:
+            if probe.connect_ex((HOST, service.port)) == 0:
+                return
+        if time.monotonic() > deadline:
+            raise BenchError(f"{service.name} not ready after {READY_TIMEOUT_S:.0f}s:\n{service.log_tail()}")
+        time.sleep(0.1)
 
 
 def start_gateway(stack: ExitStack, workdir: Path, mock: Service, workers: int, store_url: str) -> Service:
@@ -378,6 +402,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     only = parser.add_mutually_exclusive_group()
     only.add_argument("--gateway-only", action="store_true", help="skip the direct-to-mock runs")
     only.add_argument("--direct-only", action="store_true", help="only benchmark the mock itself")
+    parser.add_argument(
+        "--reference",
+        action="store_true",
+        help="also measure a bare Starlette + aiohttp pass-through (benchmarks/passthrough.py) as a floor",
+    )
     parser.add_argument("--quick", action="store_true", help="1 s runs (a smoke test, not a measurement)")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="JSON results file")
     args = parser.parse_args(argv)
@@ -404,6 +433,10 @@ def run(args: argparse.Namespace, wrk: str) -> list[Row]:
             gateway = start_gateway(stack, workdir, mock, args.workers, args.store_url)
             processes = {"gateway": gateway.popen.pid, "mock": mock.popen.pid}
             targets.append(Target("gateway", gateway.url, BENCH_KEY, processes))
+        if args.reference:
+            reference = start_reference(stack, workdir, mock)
+            processes = {"gateway": reference.popen.pid, "mock": mock.popen.pid}
+            targets.append(Target("passthrough", reference.url, "", processes))
         print(f"benchmarking {', '.join(t.name for t in targets)} ({args.duration}s runs)", file=sys.stderr)
         return [
             row for target in targets for row in bench_target(wrk, target, args.concurrency, args.duration, args.warmup)
