@@ -99,7 +99,7 @@ async def _gateway_error(request: Request, exc: Exception) -> Response:
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
     request_id = request.scope.get("state", {}).get("request_id")
-    logger.exception("unhandled error", extra={"request_id": request_id})
+    logger.exception("request_id=%s unhandled error", request_id)
     return _error_response(
         GatewayError(f"The gateway failed unexpectedly; quote request id {request_id} when reporting it.")
     )

@@ -167,7 +167,7 @@ class ProxyEndpoint:
             status = 500
             if watcher is not None:
                 watcher.done()
-            logger.exception("unhandled error", extra={"request_id": request.request_id})
+            logger.exception("request_id=%s unhandled error", request.request_id)
             message = f"The gateway failed unexpectedly; quote request id {request.request_id} when reporting it."
             await send_error(send, GatewayError(message), id_header)
         finally:
@@ -224,7 +224,7 @@ class ProxyEndpoint:
                     self._observe(started, response)
         except Exception:
             # Headers are out: the failure can only be the stream's last event.
-            logger.exception("stream failed", extra={"request_id": id_header[1].decode()})
+            logger.exception("request_id=%s stream failed", id_header[1].decode())
             error = GatewayError("The gateway failed mid-stream; the answer is incomplete.")
             await send({"type": "http.response.body", "body": error.sse_event(), "more_body": True})
         finally:

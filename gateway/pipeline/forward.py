@@ -59,8 +59,12 @@ class Forward:
             except RetriesExhausted as exhausted:
                 failure = exhausted.error
                 logger.warning(
-                    "upstream failed",
-                    extra={"request_id": request.request_id, "model": target.model, "code": failure.code},
+                    "request_id=%s model=%s upstream=%s failed after retries: %s (%s)",
+                    request.request_id,
+                    target.model,
+                    target.upstream,
+                    failure.code,
+                    failure.message,
                 )
                 continue
             headers = _client_headers(reply.headers)
