@@ -30,6 +30,8 @@ RUN groupadd --system --gid 10001 gateway \
 
 COPY --from=build /opt/gateway /opt/gateway
 COPY config/ /etc/gateway/
+# The price list the shipped config reads (pricing.file); a mounted config may point elsewhere.
+ENV GATEWAY_PRICES_FILE=/etc/gateway/prices.yaml
 
 # The working directory is the gateway's own: the default store, sqlite:///./gateway.db, lives here.
 WORKDIR /var/lib/gateway

@@ -17,15 +17,20 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.admin.api import AdminAPI
 from gateway.admin.auth import AdminAuthenticator
+from gateway.admin.usage import usage_routes
 from gateway.config.schema import GatewayConfig
 from gateway.context import CHAT_COMPLETIONS, EMBEDDINGS, Endpoint
+from gateway.cost import tokens
 from gateway.errors import GatewayError, MethodNotAllowed, ModelNotFound, NotFound
 from gateway.metrics import Metrics
 from gateway.pipeline import Stage, build_pipeline
+from gateway.pipeline.accounting import Account
 from gateway.pipeline.auth import Authenticate
 from gateway.pipeline.forward import Forward
+from gateway.pipeline.limits import EnforceLimits
 from gateway.pipeline.parse import ParseBody
 from gateway.pipeline.policy import ModelAccess
+from gateway.pipeline.usage import MeasureUsage
 from gateway.proxy import ProxyEndpoint
 from gateway.request_id import request_id_from
 from gateway.services import Services, TransportFactory, default_transport
@@ -118,7 +123,20 @@ def create_app(
     models = frozenset(router.models)
 
     def proxy(endpoint: Endpoint) -> ProxyEndpoint:
-        stages: list[Stage] = [Authenticate(authenticator), ParseBody(), ModelAccess(router)]
+        stages: list[Stage] = [
+            Authenticate(authenticator),
+            ParseBody(),
+            ModelAccess(router),
+            EnforceLimits(services.limiter, services.prices, services.metrics),
+            Account(
+                services.prices,
+                services.ledger,
+                services.metrics,
+                reject_unpriced=config.pricing.unpriced == "reject",
+                durable=config.ledger.durable,
+            ),
+            MeasureUsage(),
+        ]
         handler = build_pipeline(stages, Forward(router, services.clients))
         return ProxyEndpoint(
             endpoint,
@@ -132,6 +150,7 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await services.start()
+        tokens.preload()  # the tokenizer for usage estimates: ~0.3 s, once per process
         try:
             yield
         finally:
@@ -178,6 +197,7 @@ def create_app(
             Route("/v1/models", list_models, methods=["GET"]),
             Route("/v1/models/{model:path}", get_model, methods=["GET"]),
             *admin.routes(),
+            *usage_routes(AdminAuthenticator(config.admin.api_keys, authenticator), services.ledger),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
             Route("/metrics", metrics_endpoint, methods=["GET"]),

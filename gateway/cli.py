@@ -48,7 +48,13 @@ def _serve(args: argparse.Namespace) -> int:
     else:
         from gateway.app import create_app
 
-        uvicorn.run(create_app(config), **options)
+        try:
+            app = create_app(config)
+        except ConfigError as exc:  # e.g. the prices file named by pricing.file
+            for problem in exc.problems:
+                print(problem, file=sys.stderr)
+            raise SystemExit(1) from None
+        uvicorn.run(app, **options)
     return 0
 
 

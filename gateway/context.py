@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,6 +61,26 @@ class ProxyRequest:
         self.body_changed = True
 
 
+@dataclass(slots=True, kw_only=True)  # not frozen: a frozen init costs ~1 µs more
+class Usage:
+    """The tokens of one answer, as OpenAI's `usage` reports them, or as the gateway counted them.
+
+    `prompt_tokens` includes `cached_tokens` and `completion_tokens` includes `reasoning_tokens`, as in
+    OpenAI's object. `estimated` is true when the gateway counted the tokens itself: the upstream
+    reported none, or the stream ended before its usage chunk (client disconnect, upstream failure).
+    """
+
+    prompt_tokens: int
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    reasoning_tokens: int = 0
+    estimated: bool = False
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
 @dataclass(slots=True)
 class ProxyResponse:
     status: int
@@ -71,6 +92,58 @@ class ProxyResponse:
     model: str = ""  # the gateway model that answered (after fallbacks)
     upstream: str = ""  # the upstream that answered
     upstream_seconds: float = 0.0
+    usage: Usage | None = None  # set by the Usage stage; for a stream, when the stream closes
+    cost_nano: int | None = None  # set by the accounting stage: the answer's price in 1e-9 USD, None if unpriced
+
+    def on_close(self, callback: Callable[[], Awaitable[None]]) -> None:
+        """Run `callback` once, after this response's stream has closed, however it ended.
+
+        Only for streams (a stage does a plain body's after-work inline). Callbacks added by inner
+        stages, which see the response first, run before those of outer stages.
+        """
+        assert self.stream is not None, "on_close is for streaming responses"
+        self.stream = ClosingStream(self.stream, callback)
+
+
+async def aclose(stream: AsyncIterator[bytes]) -> None:
+    """Close a stream if it can be closed (async generators and ClosingStream can)."""
+    close = getattr(stream, "aclose", None)
+    if close is not None:
+        await close()
+
+
+class ClosingStream:
+    """A stream that runs `on_close` exactly once, after the stream it wraps is closed.
+
+    A class rather than an async generator: a generator closed before its first iteration skips its
+    `finally`, and this must run its callback whatever happened. Iterating it costs no extra frame.
+    A failing callback is logged, never raised: the answer has been sent by then.
+    """
+
+    __slots__ = ("_on_close", "_stream")
+
+    def __init__(self, stream: AsyncIterator[bytes], on_close: Callable[[], Awaitable[None]]) -> None:
+        self._stream = stream
+        self._on_close: Callable[[], Awaitable[None]] | None = on_close
+
+    def __aiter__(self) -> ClosingStream:
+        return self
+
+    def __anext__(self) -> Awaitable[bytes]:
+        return self._stream.__anext__()
+
+    async def aclose(self) -> None:
+        # Dropping the callback also breaks the usual cycle response -> stream -> callback -> response.
+        on_close, self._on_close = self._on_close, None
+        if on_close is None:
+            return
+        try:
+            await aclose(self._stream)
+        finally:
+            try:
+                await on_close()
+            except Exception:
+                logging.getLogger("gateway.context").exception("a stream's on_close callback failed")
 
 
 Handler = Callable[[ProxyRequest], Awaitable[ProxyResponse]]

@@ -113,6 +113,15 @@ class RateLimited(GatewayError):
     code = "rate_limit_exceeded"
 
 
+class BudgetExceeded(GatewayError):
+    """A budget of the tenant or of the key is spent: retrying before its window resets cannot help."""
+
+    status = 429
+    type = "insufficient_quota"
+    code = "insufficient_quota"
+    should_retry = False
+
+
 class UpstreamError(GatewayError):
     """The upstream failed and the gateway already retried, so the client should not."""
 

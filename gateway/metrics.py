@@ -48,3 +48,46 @@ class Metrics:
             ["endpoint"],
             registry=self.registry,
         )
+        # Cost: labelled by tenant and model only, so cardinality stays bounded (no key or user labels).
+        self.tokens = Counter(
+            "gateway_tokens",
+            "Tokens of answered requests, by tenant, gateway model and type (prompt, cached, completion, reasoning).",
+            ["tenant", "model", "type"],
+            registry=self.registry,
+        )
+        self.cost_usd = Counter(
+            "gateway_cost_usd",
+            "Cost of answered requests in USD, by tenant and gateway model (unpriced models add nothing).",
+            ["tenant", "model"],
+            registry=self.registry,
+        )
+        self.unpriced = Counter(
+            "gateway_unpriced_requests",
+            "Answered requests for a model without a price, by tenant and gateway model.",
+            ["tenant", "model"],
+            registry=self.registry,
+        )
+        self.time_to_first_token = Histogram(
+            "gateway_time_to_first_token_seconds",
+            "Streams: time from the request's arrival to its first event sent to the client.",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.budget_rejections = Counter(
+            "gateway_budget_rejections",
+            "Requests refused because a budget was spent, by tenant.",
+            ["tenant"],
+            registry=self.registry,
+        )
+        self.rate_limited = Counter(
+            "gateway_rate_limited",
+            "Requests refused by a rate limit, by tenant.",
+            ["tenant"],
+            registry=self.registry,
+        )
+        self.budget_alerts = Counter(
+            "gateway_budget_alerts",
+            "Budgets that crossed their alert_at threshold (once per window), by tenant.",
+            ["tenant"],
+            registry=self.registry,
+        )

@@ -15,7 +15,7 @@ from typing import Any
 
 from starlette.types import Receive, Scope, Send
 
-from gateway.context import Endpoint, Handler, ProxyRequest, ProxyResponse
+from gateway.context import Endpoint, Handler, ProxyRequest, ProxyResponse, aclose
 from gateway.errors import ClientDisconnected, GatewayError, InvalidRequest, RequestTooLarge
 from gateway.metrics import Metrics
 from gateway.request_id import request_id_from
@@ -214,19 +214,21 @@ class ProxyEndpoint:
         headers.append((b"cache-control", b"no-cache"))
         headers.append((b"x-accel-buffering", b"no"))  # tell nginx-style proxies not to buffer SSE
         headers.append(id_header)
-        await send({"type": "http.response.start", "status": response.status, "headers": headers})
-        first = True
-        try:
-            async for chunk in stream:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                if first:
-                    first = False
-                    self._observe(started, response)
-        except Exception:
-            # Headers are out: the failure can only be the stream's last event.
-            logger.exception("request_id=%s stream failed", id_header[1].decode())
-            error = GatewayError("The gateway failed mid-stream; the answer is incomplete.")
-            await send({"type": "http.response.body", "body": error.sse_event(), "more_body": True})
+        try:  # the stream is closed even if the client is gone before the headers are out
+            await send({"type": "http.response.start", "status": response.status, "headers": headers})
+            first = True
+            try:
+                async for chunk in stream:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    if first:
+                        first = False
+                        self._metrics.time_to_first_token.observe(time.perf_counter() - started)
+                        self._observe(started, response)
+            except Exception:
+                # Headers are out: the failure can only be the stream's last event.
+                logger.exception("request_id=%s stream failed", id_header[1].decode())
+                error = GatewayError("The gateway failed mid-stream; the answer is incomplete.")
+                await send({"type": "http.response.body", "body": error.sse_event(), "more_body": True})
         finally:
-            await stream.aclose()  # type: ignore[attr-defined]
+            await aclose(stream)
         await send({"type": "http.response.body", "body": b""})

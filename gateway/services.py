@@ -9,10 +9,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from gateway.config.schema import GatewayConfig, UpstreamConfig
+from gateway.cost.ledger import Ledger
+from gateway.cost.prices import PriceBook
 from gateway.identity.authenticator import Authenticator
 from gateway.identity.jwt import JWTVerifier
 from gateway.identity.keyring import KeyRing
 from gateway.identity.tenants import TenantDirectory
+from gateway.limits import Limiter
 from gateway.metrics import Metrics
 from gateway.routing import Router
 from gateway.store import Store, open_store
@@ -39,6 +42,9 @@ class Services:
     tenants: TenantDirectory
     keys: KeyRing
     authenticator: Authenticator
+    ledger: Ledger  # the spend ledger: batched writes, flushed on stop
+    prices: PriceBook
+    limiter: Limiter
     transport_factory: TransportFactory
     clients: dict[str, UpstreamClient] = field(default_factory=dict)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -64,6 +70,13 @@ class Services:
             tenants=tenants,
             keys=keys,
             authenticator=Authenticator(store, tenants, keys, jwt),
+            ledger=Ledger(
+                store,
+                flush_interval_s=config.ledger.flush_interval_s,
+                commit_delay_s=config.ledger.commit_delay_s,
+            ),
+            prices=PriceBook.from_config(config),
+            limiter=Limiter(store),
             transport_factory=transport_factory,
         )
 
@@ -74,6 +87,7 @@ class Services:
             self.clients[name] = UpstreamClient(name, upstream, provider_for(upstream), transport)
         self._tasks.append(asyncio.create_task(self.authenticator.watch(), name="identity-watch"))
         self._tasks.append(asyncio.create_task(self.authenticator.flush_periodically(), name="last-used-flush"))
+        self.ledger.start()
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -84,6 +98,7 @@ class Services:
         self._tasks.clear()
         with contextlib.suppress(Exception):
             await self.keys.flush_last_used()
+        await self.ledger.aclose()  # writes what is left; logs what cannot be written
         for client in self.clients.values():
             await client.transport.aclose()
         if self.authenticator.jwt is not None:

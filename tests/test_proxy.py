@@ -586,3 +586,32 @@ async def test_made_up_model_names_do_not_grow_the_label_cache(asgi_call: Callab
         await asgi_call(endpoint, "POST", CHAT, [], [f"model-{index}".encode()])
     assert _count(registry, "unknown", 404) == 50
     assert len(endpoint._requests) == 1
+
+
+async def test_a_stream_is_closed_even_if_the_client_is_gone_before_the_headers() -> None:
+    """The proxy always aclose()s a stream, so every stage's on_close runs, even when sending fails at once."""
+    closed: list[str] = []
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b"data: {}\n\n"
+
+    async def on_close() -> None:
+        closed.append("on_close")
+
+    async def handler(request: ProxyRequest) -> ProxyResponse:
+        response = ProxyResponse(200, {}, stream=chunks())
+        response.on_close(on_close)
+        return response
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            raise OSError("connection reset")
+
+    endpoint = ProxyEndpoint(CHAT_COMPLETIONS, handler, Metrics(CollectorRegistry()), 1024, frozenset())
+    scope = {"type": "http", "method": "POST", "path": CHAT, "headers": []}
+    with pytest.raises(OSError, match="connection reset"):
+        await endpoint(scope, receive, send)
+    assert closed == ["on_close"]

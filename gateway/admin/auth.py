@@ -22,6 +22,18 @@ class AdminScope:
         if self.tenant is not None and self.tenant != tenant:
             raise NotFound(f"No tenant {tenant!r}.", param="id", code="tenant_not_found")
 
+    def tenants(self, requested: list[str], param: str) -> list[str] | None:
+        """The tenants a query may read: those `requested` (none: every tenant, None), within this scope.
+
+        A tenant admin reads only its own tenant, which is also the default; naming another is a 404.
+        """
+        if self.tenant is None:
+            return requested or None
+        for tenant in requested:
+            if tenant != self.tenant:
+                raise NotFound(f"No tenant {tenant!r}.", param=param, code="tenant_not_found")
+        return [self.tenant]
+
     def require_global(self, action: str) -> None:
         if self.tenant is not None:
             raise PermissionDenied(f"Only a gateway admin key may {action}; a tenant admin manages its own keys.")

@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from gateway.config.schema import GatewayConfig
+from gateway.config.schema import GatewayConfig, PriceEntry, PricesFile
 
 Loc = tuple[str | int, ...]
 
@@ -68,6 +68,42 @@ def interpolate(value: Any, env: Mapping[str, str], loc: Loc = ()) -> Any:
 class _UnsetVariable(Exception):
     def __init__(self, loc: Loc, name: str) -> None:
         self.loc, self.name = loc, name
+
+
+class _Loader(yaml.SafeLoader):
+    """Safe YAML that keeps a date as the text written, so the schema checks it and names its key path."""
+
+
+def _timestamp_as_text(loader: _Loader, node: yaml.Node) -> str:
+    return str(loader.construct_scalar(node))  # type: ignore[arg-type]  # a timestamp is always a scalar node
+
+
+_Loader.add_constructor("tag:yaml.org,2002:timestamp", _timestamp_as_text)
+
+
+def _read_yaml(path: Path, source: str, what: str) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{source}: cannot read the {what}: {exc.strerror or exc}"]) from None
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 -- a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([f"{source}{where}: invalid YAML: {problem}"]) from None
+
+
+def _validation_problems(exc: ValidationError, source: str) -> list[str]:
+    problems = []
+    for error in exc.errors():
+        loc = tuple(part for part in error["loc"] if not str(part).startswith("function-"))
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = "unknown key (check its spelling; see docs/config.md)"
+        problems.append(f"{source}:{format_loc(loc)}: {message}")
+    return problems
 
 
 def _reference_problems(config: GatewayConfig) -> Iterator[tuple[Loc, str]]:
@@ -133,14 +169,7 @@ def parse_config(data: Any, source: str, env: Mapping[str, str] | None = None) -
     try:
         config = GatewayConfig.model_validate(data)
     except ValidationError as exc:
-        problems = []
-        for error in exc.errors():
-            loc = tuple(part for part in error["loc"] if not str(part).startswith("function-"))
-            message = error["msg"].removeprefix("Value error, ")
-            if error["type"] == "extra_forbidden":
-                message = "unknown key (check its spelling; see docs/config.md)"
-            problems.append(f"{source}:{format_loc(loc)}: {message}")
-        raise ConfigError(problems) from None
+        raise ConfigError(_validation_problems(exc, source)) from None
     problems = [f"{source}:{format_loc(loc)}: {message}" for loc, message in _reference_problems(config)]
     if problems:
         raise ConfigError(problems)
@@ -149,18 +178,55 @@ def parse_config(data: Any, source: str, env: Mapping[str, str] | None = None) -
 
 def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> GatewayConfig:
     source = str(path)
+    config = parse_config(_read_yaml(Path(path), source, "config file"), source, env)
+    check_pricing(config, source)
+    return config
+
+
+# --- prices (pricing.file, prices:, models.*.price; the arithmetic is gateway/cost/prices.py) ----------
+
+
+def load_prices_file(file: str, base_dir: Path | None = None) -> dict[str, list[PriceEntry]]:
+    """Read and validate a prices file.
+
+    A relative `file` is read from `base_dir`, by default the working directory; failing that, from
+    the source checkout the gateway runs from (so `config/prices.yaml` is found wherever it starts).
+    """
+    path = Path(file)
+    if not path.is_absolute():
+        path = (base_dir or Path.cwd()) / file
+        checkout = Path(__file__).resolve().parents[2] / file
+        if base_dir is None and not path.exists() and checkout.exists():
+            path = checkout
+    data = _read_yaml(path, file, f"prices file (pricing.file, read as {path})")
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"{file}: expected a mapping with a `models:` key, got {type(data).__name__}"])
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError([f"{source}: cannot read the config file: {exc.strerror or exc}"]) from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError([f"{source}{where}: invalid YAML: {problem}"]) from None
-    return parse_config(data, source, env)
+        return PricesFile.model_validate(data).models
+    except ValidationError as exc:
+        raise ConfigError(_validation_problems(exc, file)) from None
+
+
+def _unpriced_problems(config: GatewayConfig, file_models: Mapping[str, object]) -> Iterator[tuple[Loc, str]]:
+    # The same order as PriceBook: the model's own price, then its name, then its upstream_model.
+    priced = {*file_models, *config.prices}
+    where = config.pricing.file or "(none)"
+    for name, model in config.models.items():
+        if model.price is None and name not in priced and (model.upstream_model or name) not in priced:
+            message = f"no price for model {name!r}, and pricing.unpriced is 'reject': give it a price:, add it"
+            yield ("models", name), f"{message} (or its upstream_model) under prices:, or to the prices file {where}"
+
+
+def check_pricing(config: GatewayConfig, source: str, base_dir: Path | None = None) -> None:
+    """With `pricing.unpriced: reject`, fail at start-up if a configured model has no price at all."""
+    if config.pricing.unpriced != "reject":
+        return
+    file_models = load_prices_file(config.pricing.file, base_dir) if config.pricing.file else {}
+    problems = [f"{source}:{format_loc(loc)}: {message}" for loc, message in _unpriced_problems(config, file_models)]
+    if problems:
+        raise ConfigError(problems)
 
 
 def default_config_path(env: Mapping[str, str] | None = None) -> str:

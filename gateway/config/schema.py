@@ -4,12 +4,24 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from datetime import date, datetime
+from decimal import Decimal
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from jwt.algorithms import get_default_algorithms
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
@@ -83,10 +95,76 @@ class UpstreamConfig(_Model):
         return self
 
 
+# --- prices: USD per 1M tokens, dated (read by gateway/cost/prices.py; see docs/costs.md) -------------
+
+_ISO_DAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+
+
+def _iso_day(value: Any) -> Any:
+    # YAML dates arrive as strings (the loader keeps them so) or, from Python, as date objects.
+    if isinstance(value, date) and not isinstance(value, datetime):
+        return value
+    if isinstance(value, str) and _ISO_DAY.fullmatch(value):
+        try:
+            return date.fromisoformat(value)
+        except ValueError as exc:
+            raise ValueError(f"expected a date as YYYY-MM-DD, got {value!r} ({exc})") from None
+    raise ValueError(f"expected a date as YYYY-MM-DD, got {value!r}")
+
+
+# At most 6 decimal places per 1M tokens, so every cost is a whole number of 10^-12 USD.
+UsdPerMillion = Annotated[Decimal, Field(ge=0, decimal_places=6, allow_inf_nan=False)]
+
+
+class PriceEntry(_Model):
+    """USD per 1M tokens from `effective_from` (a UTC day; absent: since always) until the next entry."""
+
+    effective_from: Annotated[date, BeforeValidator(_iso_day)] | None = None
+    input: UsdPerMillion
+    cached_input: UsdPerMillion | None = None  # absent: cached tokens cost `input`
+    output: UsdPerMillion | None = None  # absent (embeddings): any output token leaves the request unpriced
+
+
+def _one_or_many(value: Any) -> Any:
+    if isinstance(value, dict):
+        return [value]
+    if isinstance(value, list):
+        return value
+    raise ValueError("expected a price entry {input: ..., cached_input: ..., output: ...} or a list of them")
+
+
+def _distinct_days(entries: list[PriceEntry]) -> list[PriceEntry]:
+    if not entries:
+        raise ValueError("give at least one price entry")
+    seen: dict[date | None, int] = {}
+    for index, entry in enumerate(entries):
+        day = entry.effective_from
+        if day in seen:
+            when = f"on {day.isoformat()}" if day else "without effective_from"
+            raise ValueError(f"entries [{seen[day]}] and [{index}] both take effect {when}")
+        seen[day] = index
+    return entries
+
+
+PriceList = Annotated[list[PriceEntry], BeforeValidator(_one_or_many), AfterValidator(_distinct_days)]
+
+
+class PricingConfig(_Model):
+    unpriced: Literal["record", "reject"] = "record"
+    file: Annotated[str, Field(min_length=1)] | None = "config/prices.yaml"
+
+
+class PricesFile(_Model):
+    """The file named by `pricing.file`: `models:` maps a model name to its price entries."""
+
+    models: dict[str, PriceList] = {}
+
+
 class ModelConfig(_Model):
     upstream: str
     upstream_model: str | None = None
     fallbacks: list[str] = []
+    price: PriceList | None = None
 
 
 class BudgetConfig(_Model):
@@ -294,6 +372,16 @@ class AuthConfig(_Model):
     jwt: JwtConfig | None = None
 
 
+class LedgerConfig(_Model):
+    """The spend ledger's writes: batched, and by default awaited before an answer completes."""
+
+    # true: an answer's last bytes wait (at most 2 s) until its usage is in the store, so a crash
+    # loses nothing a client received; false: written within flush_interval_s, a crash may lose that.
+    durable: bool = True
+    flush_interval_s: Annotated[float, Field(gt=0, le=60)] = 0.2
+    commit_delay_s: Annotated[float, Field(ge=0, le=1)] = 0.005
+
+
 class GatewayConfig(_Model):
     server: ServerConfig = ServerConfig()
     store: StoreConfig = StoreConfig()
@@ -303,3 +391,6 @@ class GatewayConfig(_Model):
     models: dict[str, ModelConfig] = {}
     policies: dict[str, PolicyConfig] = {"default": PolicyConfig()}
     tenants: dict[str, TenantConfig] = {}
+    prices: dict[str, PriceList] = {}
+    pricing: PricingConfig = PricingConfig()
+    ledger: LedgerConfig = LedgerConfig()

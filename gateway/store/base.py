@@ -2,14 +2,19 @@
 
 Keys are plain strings namespaced by their owner (`tenant:acme`, `apikey:<prefix>`, ...); values
 are bytes (JSON documents, by convention). Every operation that two replicas could race on is
-atomic in every backend: `add` (create if absent), `incr`, `delete`. There is no read-modify-write
+atomic in every backend: `add` (create if absent), `incr`, `delete`, `add_counts` (a batch of
+counter increments, applied at most once), `admit` and `settle` (rate limits and budgets, all
+checks of a request at once: gateway/store/limits.py). There is no read-modify-write
 API on purpose: callers that need one get a dedicated atomic operation here instead.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 from urllib.parse import urlsplit, urlunsplit
+
+from gateway.store.limits import Admission, Hold, LimitCheck, RateCheck, Settlement
 
 
 def redact_url(url: str) -> str:
@@ -19,6 +24,10 @@ def redact_url(url: str) -> str:
         return url
     netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
     return urlunsplit(parts._replace(netloc=netloc))
+
+
+WRITER_TTL_S = 7 * 24 * 3600.0  # `add_counts` remembers a writer's last batch this long after it
+CountBatch = Mapping[str, Mapping[str, int]]  # counter hash key -> field -> amount to add
 
 
 class StoreError(Exception):
@@ -83,6 +92,47 @@ class Store(Protocol):
         `ttl_s` is applied when the counter is created, never extended by later increments, so a
         counter for a time window expires with its window. The value is stored as ASCII digits, so
         `get` returns e.g. b"42"; a value that is not an integer raises StoreError.
+        """
+        ...
+
+    async def add_counts(self, writer: str, seq: int, counts: CountBatch) -> bool:
+        """Add `counts[key][field]` to each integer field of the counter hashes: all or nothing, at most once.
+
+        Counter hashes are a keyspace beside the plain keys (`get` and `scan` do not see them; in Redis
+        they are hashes under the same prefix, so give them a prefix of their own, e.g. `ledger:`).
+        A missing hash or field starts at 0. The batch is identified by (`writer`, `seq`): a writer
+        numbers its batches 1, 2, 3... and sends them in order, retrying a failed one with the same
+        `seq` before it sends the next. A batch whose `seq` is not above the writer's last applied one
+        was applied already (its acknowledgement was lost): it changes nothing and returns False.
+        A writer is forgotten WRITER_TTL_S after its last batch, so use a new writer id per process.
+        """
+        ...
+
+    async def read_counts(self, keys: Sequence[str]) -> dict[str, dict[str, int]]:
+        """Every field of each counter hash in `keys`; a hash without fields is left out."""
+        ...
+
+    async def admit(
+        self, checks: Sequence[LimitCheck], *, hold_s: float = 660.0, now: float | None = None
+    ) -> Admission:
+        """Evaluate rate buckets and budget windows together; apply ALL of them if every one passes, else NONE.
+
+        A `RateCheck` takes `cost` units from a GCRA bucket; a `BudgetCheck` holds `amount` nano-USD in its
+        window for `hold_s` seconds (or until `settle`), so concurrent requests never overshoot the limit.
+        One store operation (a Lua script, a transaction); a refused call writes nothing. `now` (epoch
+        seconds, default the clock) is what every time is measured from. Keys must be distinct, and the
+        limit state is a keyspace of its own beside the plain keys (see gateway/store/limits.py).
+        """
+        ...
+
+    async def settle(
+        self, hold: Hold | None, spend: int, corrections: Sequence[RateCheck] = (), *, now: float | None = None
+    ) -> Settlement:
+        """Release `hold` and add `spend` (nano-USD, >= 0) to each of its windows; charge each correction.
+
+        A correction's `cost` is added to its bucket as is, negative for a refund (real tokens below the
+        estimate). Call once per admitted hold: the spend counts even if the hold has lapsed meanwhile.
+        One store operation. The result says which windows crossed their `alert_at` for the first time.
         """
         ...
 

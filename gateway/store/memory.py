@@ -8,9 +8,24 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
-from gateway.store.base import StoreError, check_ttl
+from gateway.store.base import WRITER_TTL_S, CountBatch, StoreError, check_ttl
+from gateway.store.limits import (
+    Admission,
+    Hold,
+    LimitCheck,
+    RateCheck,
+    Settlement,
+    admit_on,
+    check_admit,
+    check_settle,
+    hold_ms,
+    new_hold_id,
+    now_ms,
+    settle_on,
+)
+from gateway.store.limits_memory import MemoryLimits
 
 _PURGE_EVERY_S = 60.0
 
@@ -22,6 +37,9 @@ class MemoryStore:
         self._data: dict[str, tuple[bytes, float | None]] = {}
         self._subscribers: dict[str, set[MemorySubscription]] = {}
         self._next_purge = clock() + _PURGE_EVERY_S
+        self._counts: dict[str, dict[str, int]] = {}
+        self._writers: dict[str, tuple[int, float]] = {}  # writer -> (last seq, when)
+        self._limits = MemoryLimits()  # on the callers' `now` (epoch), not on `clock`
 
     async def ping(self) -> None:
         return None
@@ -83,6 +101,35 @@ class MemoryStore:
             expires = self._data[key][1]
         self._data[key] = (str(total).encode(), expires)
         return total
+
+    async def add_counts(self, writer: str, seq: int, counts: CountBatch) -> bool:
+        now = self._clock()
+        last, when = self._writers.get(writer, (0, now))
+        if seq <= last and now - when < WRITER_TTL_S:
+            return False
+        self._writers[writer] = (seq, now)
+        for key, fields in counts.items():
+            target = self._counts.setdefault(key, {})
+            for name, amount in fields.items():
+                target[name] = target.get(name, 0) + amount
+        return True
+
+    async def read_counts(self, keys: Sequence[str]) -> dict[str, dict[str, int]]:
+        return {key: dict(self._counts[key]) for key in keys if self._counts.get(key)}
+
+    async def admit(
+        self, checks: Sequence[LimitCheck], *, hold_s: float = 660.0, now: float | None = None
+    ) -> Admission:
+        check_admit(checks, hold_s)
+        at = now_ms(now)
+        self._limits.purge(at)
+        return admit_on(self._limits, checks, at, new_hold_id(), hold_ms(hold_s))
+
+    async def settle(
+        self, hold: Hold | None, spend: int, corrections: Sequence[RateCheck] = (), *, now: float | None = None
+    ) -> Settlement:
+        check_settle(hold, spend, corrections)
+        return settle_on(self._limits, hold, spend, corrections, now_ms(now))
 
     async def publish(self, channel: str, message: bytes) -> None:
         for subscription in self._subscribers.get(channel, ()):

@@ -3,6 +3,8 @@
 Every key and channel gets `prefix` ("gw:"), so the gateway can share a Redis with other programs.
 `add` is SET NX PX, and `incr` one Lua script (SET NX PX to create the counter with its TTL, then
 INCRBY), so both are atomic and the TTL comes only from the increment that creates the counter.
+`add_counts` is one Lua script too (the writer's last seq, then HINCRBY for every field), so a batch
+is applied whole and at most once; `read_counts` pipelines one HGETALL per hash in one round trip.
 `scan` walks the whole keyspace with SCAN MATCH: it is meant for listings at admin scale, not for
 the request path. Each subscription holds a Redis connection of its own and a task reading it.
 Every Redis failure surfaces as StoreError naming the URL without its password.
@@ -13,19 +15,48 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, cast
 from urllib.parse import urlsplit
 
+import orjson
 import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
-from gateway.store.base import StoreError, check_ttl, redact_url
+from gateway.store.base import WRITER_TTL_S, CountBatch, StoreError, check_ttl, redact_url
+from gateway.store.limits import (
+    Admission,
+    Hold,
+    LimitCheck,
+    RateCheck,
+    Settlement,
+    check_admit,
+    check_settle,
+    hold_ms,
+    new_hold_id,
+    now_ms,
+)
+from gateway.store.limits_redis import ADMIT_SCRIPT, SETTLE_SCRIPT, admission, admit_call, settle_call, settlement
 
 _INCR = """
 if ARGV[2] ~= '' then redis.call('SET', KEYS[1], '0', 'NX', 'PX', ARGV[2]) end
 return redis.call('INCRBY', KEYS[1], ARGV[1])
+"""
+# KEYS: the writer's hash (a hash, so `scan` skips it), then the counter hashes. ARGV: seq, writer TTL
+# in ms, then per hash one JSON object {field: "amount"}: one argument per hash keeps the client's
+# encoding cheap (~10x fewer arguments), and amounts as strings give HINCRBY exact 64-bit integers.
+_ADD_COUNTS = """
+local last = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
+if tonumber(ARGV[1]) <= last then return 0 end
+for k = 2, #KEYS do
+  for field, amount in pairs(cjson.decode(ARGV[k + 1])) do
+    redis.call('HINCRBY', KEYS[k], field, amount)
+  end
+end
+redis.call('HSET', KEYS[1], 'seq', ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
 """
 _GLOB = re.compile(r"([\\*?\[\]])")
 _MGET_BATCH = 500
@@ -48,6 +79,9 @@ class RedisStore:
         with self._errors():
             self._client = aioredis.Redis.from_url(url, socket_connect_timeout=5.0, socket_timeout=5.0)
         self._incr = self._client.register_script(_INCR)
+        self._add_counts = self._client.register_script(_ADD_COUNTS)
+        self._admit = self._client.register_script(ADMIT_SCRIPT)
+        self._settle = self._client.register_script(SETTLE_SCRIPT)
         self._subscriptions: set[RedisSubscription] = set()
 
     def error(self, exc: BaseException) -> StoreError:
@@ -108,6 +142,49 @@ class RedisStore:
             else:
                 total = await self._incr(keys=[self._prefix + key], args=[amount, _ms(ttl_s)])
         return int(total)
+
+    async def add_counts(self, writer: str, seq: int, counts: CountBatch) -> bool:
+        keys = [f"{self._prefix}counts-writer:{writer}"]
+        args: list[bytes | int] = [seq, _ms(WRITER_TTL_S)]
+        for key, fields in counts.items():
+            keys.append(self._prefix + key)
+            args.append(orjson.dumps({name: str(amount) for name, amount in fields.items()}))
+        with self._errors():
+            applied: Any = await self._add_counts(keys=keys, args=args)
+        return bool(applied)
+
+    async def read_counts(self, keys: Sequence[str]) -> dict[str, dict[str, int]]:
+        with self._errors():
+            async with self._client.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.hgetall(self._prefix + key)
+                hashes: list[dict[bytes, bytes]] = await pipe.execute()
+        return {
+            key: {name.decode(): int(value) for name, value in fields.items()}
+            for key, fields in zip(keys, hashes, strict=True)
+            if fields
+        }
+
+    async def admit(
+        self, checks: Sequence[LimitCheck], *, hold_s: float = 660.0, now: float | None = None
+    ) -> Admission:
+        check_admit(checks, hold_s)
+        at, hold_id, hold = now_ms(now), new_hold_id(), hold_ms(hold_s)
+        keys, args = admit_call(self._prefix, checks, at, hold_id, hold)
+        with self._errors():
+            reply: Any = await self._admit(keys=keys, args=args)
+        return admission(reply, checks, at, hold_id, hold)
+
+    async def settle(
+        self, hold: Hold | None, spend: int, corrections: Sequence[RateCheck] = (), *, now: float | None = None
+    ) -> Settlement:
+        check_settle(hold, spend, corrections)
+        keys, args = settle_call(self._prefix, hold, spend, corrections, now_ms(now))
+        if not keys:
+            return settlement([], hold)
+        with self._errors():
+            reply: Any = await self._settle(keys=keys, args=args)
+        return settlement(reply, hold)
 
     async def publish(self, channel: str, message: bytes) -> None:
         with self._errors():

@@ -21,6 +21,12 @@ Pub/sub: `publish` appends to the `events` table, and each subscription polls it
 instance takes up to one poll interval (0.1 s; ~50 ms on average); a subscriber of the publishing
 store instance is woken at once. Events are kept `event_retention_s`: a subscriber that falls
 further behind misses the oldest.
+
+Counters (`add_counts`): the table `counts` keyed by (key, field), so one hash's fields, and a range
+of hashes, are one index range. A batch is one `BEGIN IMMEDIATE` transaction on the worker: the
+writer's last seq (table `count_writers`), then an UPSERT per field, then COMMIT. WAL with
+synchronous=NORMAL makes a commit survive a crash of the process (not of the machine: that needs
+synchronous=FULL).
 """
 
 from __future__ import annotations
@@ -31,12 +37,29 @@ import logging
 import sqlite3
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
-from gateway.store.base import StoreError, check_ttl
+from gateway.store.base import WRITER_TTL_S, CountBatch, StoreError, check_ttl
+from gateway.store.limits import (
+    Admission,
+    Hold,
+    LimitCheck,
+    RateCheck,
+    Settlement,
+    admit_on,
+    check_admit,
+    check_settle,
+    hold_ms,
+    new_hold_id,
+    now_ms,
+    settle_on,
+)
+from gateway.store.limits_sqlite import PURGE as _PURGE_LIMITS
+from gateway.store.limits_sqlite import SCHEMA as _LIMITS_SCHEMA
+from gateway.store.limits_sqlite import SQLiteLimits
 
 T = TypeVar("T")
 Params = tuple[object, ...] | Mapping[str, object]
@@ -51,6 +74,10 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE INDEX IF NOT EXISTS events_channel ON events (channel, id);
 CREATE INDEX IF NOT EXISTS events_created ON events (created_at);
+CREATE TABLE IF NOT EXISTS counts (
+    key TEXT NOT NULL, field TEXT NOT NULL, value INTEGER NOT NULL, PRIMARY KEY (key, field)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS count_writers (writer TEXT PRIMARY KEY, seq INTEGER NOT NULL, updated_at REAL NOT NULL);
 """
 _GET = "SELECT value FROM kv WHERE key = :key AND (expires_at IS NULL OR expires_at > :now)"
 _SET = (
@@ -74,6 +101,16 @@ _SCAN_RANGE = (
 _LAST_EVENT = "SELECT coalesce(max(id), 0) FROM events"
 _POLL = "SELECT id, message FROM events WHERE channel = :channel AND id > :after ORDER BY id LIMIT 500"
 _PUBLISH = "INSERT INTO events (channel, message, created_at) VALUES (:channel, :message, :now)"
+_WRITER_SEQ = "SELECT seq FROM count_writers WHERE writer = ?"
+_SET_WRITER = (
+    "INSERT INTO count_writers (writer, seq, updated_at) VALUES (?, ?, ?) "
+    "ON CONFLICT (writer) DO UPDATE SET seq = excluded.seq, updated_at = excluded.updated_at"
+)
+_ADD_COUNT = (
+    "INSERT INTO counts (key, field, value) VALUES (?, ?, ?) "
+    "ON CONFLICT (key, field) DO UPDATE SET value = counts.value + excluded.value"
+)
+_READ_COUNTS_BATCH = 500  # keys per `IN (...)`, well below SQLite's limit on parameters
 _NOT_AN_INTEGER = "user-defined function raised exception"
 _CHECKPOINT_WRITES = 500  # ~2000 WAL pages (~4 a write): SQLite's own autocheckpoint is at 1000
 
@@ -138,6 +175,7 @@ class SQLiteStore:
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA journal_size_limit=67108864")
                 conn.executescript(_SCHEMA)
+                conn.executescript(_LIMITS_SCHEMA)
             except sqlite3.Error:
                 conn.close()
                 raise
@@ -179,10 +217,29 @@ class SQLiteStore:
         except sqlite3.Error as exc:
             raise self._error(exc) from None
         if write:
-            self._writes += 1
-            if self._writes >= _CHECKPOINT_WRITES or time.monotonic() >= self._next_maintenance:
-                self._schedule_maintenance()
+            self._wrote()
         return rows
+
+    async def _transaction(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """`work` in one BEGIN IMMEDIATE transaction: on the loop thread, or on the worker if the file is locked."""
+        conn = self._conn or await self._connection()
+        try:
+            if self._maintenance_pending:
+                raise _Deferred
+            result = _atomically(conn, work)
+        except (sqlite3.OperationalError, _Deferred) as exc:
+            if isinstance(exc, sqlite3.OperationalError) and exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY:
+                raise self._error(exc) from None
+            result = await self._in_worker(lambda conn: _atomically(conn, work))  # rolled back: runs anew
+        except sqlite3.Error as exc:
+            raise self._error(exc) from None
+        self._wrote()
+        return result
+
+    def _wrote(self) -> None:
+        self._writes += 1
+        if self._writes >= _CHECKPOINT_WRITES or time.monotonic() >= self._next_maintenance:
+            self._schedule_maintenance()
 
     def _schedule_maintenance(self) -> None:
         if self._worker is None or self._maintenance_pending:
@@ -200,6 +257,9 @@ class SQLiteStore:
         conn, now = self._worker_connection(), time.time()
         conn.execute("DELETE FROM kv WHERE expires_at <= ?", (now,))
         conn.execute("DELETE FROM events WHERE created_at < ?", (now - self._event_retention_s,))
+        conn.execute("DELETE FROM count_writers WHERE updated_at < ?", (now - WRITER_TTL_S,))
+        for purge in _PURGE_LIMITS:
+            conn.execute(purge, (now_ms(now) - 5000,))  # 5 s late: callers' `now` may lag this clock
         conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     async def ping(self) -> None:
@@ -244,6 +304,40 @@ class SQLiteStore:
             raise
         return int(rows[0][0])
 
+    async def add_counts(self, writer: str, seq: int, counts: CountBatch) -> bool:
+        rows = [(key, name, amount) for key, fields in counts.items() for name, amount in fields.items()]
+        applied = await self._in_worker(lambda conn: _apply_counts(conn, writer, seq, rows))
+        self._writes += 1
+        return applied
+
+    async def read_counts(self, keys: Sequence[str]) -> dict[str, dict[str, int]]:
+        def read(conn: sqlite3.Connection) -> dict[str, dict[str, int]]:
+            found: dict[str, dict[str, int]] = {}
+            for start in range(0, len(keys), _READ_COUNTS_BATCH):
+                chunk = keys[start : start + _READ_COUNTS_BATCH]
+                sql = f"SELECT key, field, value FROM counts WHERE key IN ({','.join('?' * len(chunk))})"  # noqa: S608
+                for key, name, value in conn.execute(sql, tuple(chunk)):
+                    found.setdefault(key, {})[name] = int(value)
+            return found
+
+        return await self._in_worker(read)
+
+    async def admit(
+        self, checks: Sequence[LimitCheck], *, hold_s: float = 660.0, now: float | None = None
+    ) -> Admission:
+        check_admit(checks, hold_s)
+        at, hold_id = now_ms(now), new_hold_id()
+        return await self._transaction(lambda conn: admit_on(SQLiteLimits(conn), checks, at, hold_id, hold_ms(hold_s)))
+
+    async def settle(
+        self, hold: Hold | None, spend: int, corrections: Sequence[RateCheck] = (), *, now: float | None = None
+    ) -> Settlement:
+        check_settle(hold, spend, corrections)
+        if hold is None and not corrections:
+            return Settlement((), ())
+        at = now_ms(now)
+        return await self._transaction(lambda conn: settle_on(SQLiteLimits(conn), hold, spend, corrections, at))
+
     async def publish(self, channel: str, message: bytes) -> None:
         await self._execute(_PUBLISH, {"channel": channel, "message": message, "now": time.time()}, write=True)
         for subscription in self._subscriptions:
@@ -268,6 +362,33 @@ class SQLiteStore:
         conn, self._worker_conn = self._worker_conn, None
         if conn is not None:
             conn.close()
+
+
+def _apply_counts(conn: sqlite3.Connection, writer: str, seq: int, rows: list[tuple[str, str, int]]) -> bool:
+    """One transaction: nothing if the writer's `seq` was applied already, else every row and the new seq."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        last = conn.execute(_WRITER_SEQ, (writer,)).fetchone()
+        if last is not None and seq <= last[0]:
+            return False
+        conn.execute(_SET_WRITER, (writer, seq, time.time()))
+        conn.executemany(_ADD_COUNT, rows)
+        conn.execute("COMMIT")
+        return True
+    finally:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+
+
+def _atomically(conn: sqlite3.Connection, work: Callable[[sqlite3.Connection], T]) -> T:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        result = work(conn)
+        conn.execute("COMMIT")
+    finally:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+    return result
 
 
 class SQLiteSubscription:

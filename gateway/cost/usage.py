@@ -1,0 +1,162 @@
+"""Read OpenAI's `usage` from answers and meter chat completion streams: pure code, no I/O.
+
+A stream's meter sees every SSE chunk (one or more whole events) on its way to the client and looks
+inside only the events that contain `"usage"`. The gateway always asks for usage
+(`stream_options.include_usage`); when the client did not, the meter removes what that adds, so the
+client gets the bytes OpenAI sends without it: the `"usage":null` of every chunk and the final
+`choices: []` chunk that carries the usage.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+
+from gateway import sse
+from gateway.context import Usage
+from gateway.cost.tokens import count_tokens
+
+KEEP_BYTES = 65_536  # of a stream, kept for an estimate; the count of the rest is extrapolated by size
+
+_USAGE = b'"usage"'
+_OPENAI_NULL = b'"usage":null'
+_NULL_USAGE = b"," + _OPENAI_NULL  # as OpenAI writes it, after "choices"
+_NULL_SIZE = len(_NULL_USAGE)
+_NULL_USAGE_ANYHOW = re.compile(rb'\s*,\s*"usage"\s*:\s*null(?=\s*[,}])|"usage"\s*:\s*null\s*,\s*')
+
+
+def _count(value: Any) -> int:
+    return value if type(value) is int and value >= 0 else 0
+
+
+def usage_from(value: Any) -> Usage | None:
+    """A `Usage` from an OpenAI `usage` object, or None if it is missing or has no prompt_tokens."""
+    if not isinstance(value, dict) or type(prompt := value.get("prompt_tokens")) is not int or prompt < 0:
+        return None
+    usage = Usage(prompt_tokens=prompt, completion_tokens=_count(value.get("completion_tokens")))
+    if isinstance(details := value.get("prompt_tokens_details"), dict):
+        usage.cached_tokens = _count(details.get("cached_tokens"))
+    if isinstance(details := value.get("completion_tokens_details"), dict):
+        usage.reasoning_tokens = _count(details.get("reasoning_tokens"))
+    return usage
+
+
+def usage_in_body(body: bytes) -> Usage | None:
+    """The `usage` of a JSON answer.
+
+    OpenAI writes `usage` near the end, so this parses only from its last `"usage"` key to the end
+    (embeddings bodies can be megabytes of floats). Raw `"usage"` can only be a key or the string
+    "usage" (quotes inside strings are escaped), and `{` + the tail is valid JSON only if it is a
+    top-level key; anything else falls back to parsing the whole body.
+    """
+    at = body.rfind(_USAGE)
+    if at < 0:
+        return None
+    try:
+        tail = orjson.loads(b"{" + body[at:])
+    except orjson.JSONDecodeError:
+        tail = _parse(body)
+    return usage_from(tail.get("usage")) if isinstance(tail, dict) else None
+
+
+def _parse(data: bytes) -> Any:
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+
+
+def completion_text(answer: Any, key: str = "message") -> list[str]:
+    """The generated text of a chat completion (`key="message"`) or a stream chunk (`key="delta"`)."""
+    parts: list[str] = []
+    choices = answer.get("choices") if isinstance(answer, dict) else None
+    for choice in choices if isinstance(choices, list) else ():
+        message = choice.get(key) if isinstance(choice, dict) else None
+        if not isinstance(message, dict):
+            continue
+        parts.extend(message[name] for name in ("content", "refusal") if isinstance(message.get(name), str))
+        calls = message.get("tool_calls")
+        calls = calls if isinstance(calls, list) else []
+        functions = [call.get("function") for call in calls if isinstance(call, dict)]
+        for function in (*functions, message.get("function_call")):
+            if isinstance(function, dict):
+                parts.extend(function[name] for name in ("name", "arguments") if isinstance(function.get(name), str))
+    return parts
+
+
+class StreamMeter:
+    """Reads usage from a chat completion stream and, if `strip`, removes it from what the client gets.
+
+    `filter` costs one substring count per chunk, and a replace or a second count where the chunk
+    mentions usage: ~0.5 µs a chunk. Only events that carry a usage object (or write a null usage
+    unusually) are parsed. The first KEEP_BYTES of the stream are kept, unparsed, in case the stream
+    ends without usage and its tokens must be counted.
+    """
+
+    __slots__ = ("_kept", "_more", "_room", "_strip", "usage")
+
+    def __init__(self, strip: bool, keep_bytes: int = KEEP_BYTES) -> None:
+        self.usage: Usage | None = None
+        self._strip = strip
+        self._kept: list[bytes] = []
+        self._room = keep_bytes
+        self._more = 0  # bytes seen after the kept ones
+
+    async def filter(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        """The chunks (each one or more whole SSE events) as the client gets them: maybe fewer bytes."""
+        strip, kept, room = self._strip, self._kept, self._room  # locals: this loop is the hot path
+        async for chunk in chunks:
+            size = len(chunk)
+            if room > 0:
+                kept.append(chunk)
+                room -= size
+            else:
+                self._more += size
+            mentions = chunk.count(_USAGE)
+            if mentions:
+                if strip:  # usually every mention is OpenAI's null: then one replace is all
+                    stripped = chunk.replace(_NULL_USAGE, b"")
+                    chunk = stripped if size - len(stripped) == mentions * _NULL_SIZE else self._events(stripped)
+                elif chunk.count(_OPENAI_NULL) != mentions:
+                    chunk = self._events(chunk)
+            if chunk:
+                yield chunk
+
+    def _events(self, chunk: bytes) -> bytes:
+        return b"".join(self._event(raw) for raw in chunk.split(b"\n\n") if raw)
+
+    def _event(self, raw: bytes) -> bytes:
+        event = raw + b"\n\n"
+        if _USAGE not in raw:
+            return event
+        payload = _parse(sse.Event(raw).data)
+        if not isinstance(payload, dict) or "usage" not in payload:
+            return event
+        usage = payload["usage"]
+        if isinstance(usage, dict):
+            self.usage = usage_from(usage) or self.usage
+        if not self._strip:
+            return event
+        if usage is None:
+            return _NULL_USAGE_ANYHOW.sub(b"", raw, count=1) + b"\n\n"
+        if not payload.get("choices"):
+            return b""  # the usage chunk the client did not ask for
+        del payload["usage"]  # an upstream that puts usage in a chunk with choices: rare, so re-serialised
+        return sse.encode(orjson.dumps(payload))
+
+    def completion_tokens(self, model: str) -> int:
+        """Count the tokens generated in the stream so far (for when it carried no usage)."""
+        kept = b"".join(self._kept)
+        parts: list[str] = []
+        for raw in kept.split(b"\n\n"):
+            data = sse.Event(raw).data
+            if data.startswith(b"{"):
+                parts.extend(completion_text(_parse(data), "delta"))
+        tokens = count_tokens("".join(parts), model)
+        if kept and self._more:
+            tokens = math.ceil(tokens * (len(kept) + self._more) / len(kept))
+        return tokens

@@ -1,0 +1,153 @@
+"""The limiter: every rate limit and budget of a request, checked and taken in ONE store call.
+
+    grant = await limiter.admit(principal, tokens=estimate, worst_case_nano=cost_of, max_tokens=...)
+    ...forward, then with the real usage:
+    alerts = await limiter.settle(grant, tokens=usage_total, cost_nano=real_cost)
+
+Both the tenant (its policy's `rate_limit` and `budget`) and the key (its own) are checked, each on
+counters of its own, so the stricter applies. `admit` raises BudgetExceeded (429 insufficient_quota)
+or RateLimited (429 rate_limit_exceeded, with Retry-After); a budget wins, since waiting for a rate
+limit would not help. Every outcome carries the `x-ratelimit-*` headers of the binding buckets.
+A principal without limits costs no store call. `settle` must be called once per grant, also when
+the request failed (cost 0); a crashed replica's holds lapse after `hold_s`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from gateway.config.schema import PolicyConfig
+from gateway.context import Principal
+from gateway.identity.keys import now_utc
+from gateway.limits.budget import Budget, BudgetAlert, budget_exceeded, budgets
+from gateway.limits.ratelimit import TOKENS, RateLimit, rate_limited, rate_limits, ratelimit_headers
+from gateway.store import Store
+from gateway.store.limits import BudgetResult, Hold, LimitCheck, RateCheck, RateResult
+
+DEFAULT_HOLD_S = 660.0  # the longest a request may take (an upstream's default timeout_s, 600 s) and a margin
+DEFAULT_GRACE_S = 2 * 86400.0  # how long a window's counters outlive it
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """Whose limits: `key` is the counters' namespace ("tenant:acme", "key:acme/0123abcd")."""
+
+    who: str
+    key: str
+    policy: PolicyConfig
+
+
+def scopes_of(principal: Principal) -> list[Scope]:
+    """The tenant's policy, then the key's own limits if it has any."""
+    found = [Scope(f"tenant {principal.tenant}", f"tenant:{principal.tenant}", principal.policy)]
+    if principal.key_policy is not None:
+        key = f"key:{principal.tenant}/{principal.key_id}"
+        found.append(Scope(f"API key {principal.key_id}", key, principal.key_policy))
+    return found
+
+
+@dataclass(slots=True)
+class Grant:
+    """An admitted request: its headers, and what `settle` needs."""
+
+    headers: dict[str, str]  # x-ratelimit-* for the response
+    hold: Hold | None = None
+    tokens: int = 0  # the estimate the token buckets were charged
+    token_checks: tuple[RateCheck, ...] = ()
+    budgets: dict[str, Budget] = field(default_factory=dict)  # by counter key
+
+
+class Limiter:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        clock: Callable[[], datetime] = now_utc,
+        hold_s: float = DEFAULT_HOLD_S,
+        grace_s: float = DEFAULT_GRACE_S,
+    ) -> None:
+        if not 0 < hold_s <= grace_s:
+            raise ValueError(f"need 0 < hold_s <= grace_s, got hold_s={hold_s}, grace_s={grace_s}")
+        self.store = store
+        self._clock = clock
+        self._hold_s = hold_s
+        self._grace_s = grace_s
+
+    async def admit(
+        self,
+        principal: Principal,
+        *,
+        tokens: int,
+        worst_case_nano: Callable[[int], int],
+        max_tokens: int | None = None,
+    ) -> Grant:
+        """Take the request's limits, or raise BudgetExceeded / RateLimited (nothing taken).
+
+        `tokens` is the estimate charged to tokens_per_minute (prompt plus output cap); settle corrects it.
+        `worst_case_nano(n)` is the request's cost, in nano-USD, if its output ran to `n` tokens; a budget
+        holds it for n = max_tokens capped by its `reserve_max_tokens` (that alone, without max_tokens).
+        """
+        moment = self._clock()
+        rates: list[RateLimit] = []
+        windows: list[Budget] = []
+        costs: dict[int, int] = {}
+        for scope in scopes_of(principal):
+            limit, budget = scope.policy.rate_limit, scope.policy.budget
+            if limit is not None:
+                rates += rate_limits(scope.who, scope.key, limit.requests_per_minute, limit.tokens_per_minute, tokens)
+            if budget is not None and (budget.usd_per_day is not None or budget.usd_per_month is not None):
+                output = budget.reserve_max_tokens if max_tokens is None else min(max_tokens, budget.reserve_max_tokens)
+                if output not in costs:
+                    costs[output] = max(0, worst_case_nano(output))
+                windows += budgets(scope.who, scope.key, budget, moment, costs[output], self._grace_s)
+        if not rates and not windows:
+            return Grant({})
+        checks: list[LimitCheck] = [rate.check for rate in rates] + [window.check for window in windows]
+        admission = await self.store.admit(checks, hold_s=self._hold_s, now=moment.timestamp())
+        results = admission.results
+        rate_outcomes = [
+            (rate, result)
+            for rate, result in zip(rates, results[: len(rates)], strict=True)
+            if isinstance(result, RateResult)
+        ]
+        budget_outcomes = [
+            (window, result)
+            for window, result in zip(windows, results[len(rates) :], strict=True)
+            if isinstance(result, BudgetResult)
+        ]
+        headers = ratelimit_headers(rate_outcomes)
+        if not admission.allowed:
+            error = budget_exceeded(budget_outcomes, headers) or rate_limited(rate_outcomes, headers)
+            if error is None:
+                raise AssertionError(f"the store refused with no check refused: {admission}")
+            raise error
+        token_checks = tuple(rate.check for rate in rates if rate.dimension == TOKENS)
+        return Grant(headers, admission.hold, tokens, token_checks, {b.check.key: b for b in windows})
+
+    async def settle(self, grant: Grant, *, tokens: int | None, cost_nano: int | None) -> list[BudgetAlert]:
+        """Record the real cost (None: unpriced, counts 0) and tokens (None: keep the estimate) of a grant.
+
+        Returns the budgets whose alert_at this settlement crossed, once per window across all replicas.
+        """
+        corrections: list[RateCheck] = []
+        if tokens is not None and tokens != grant.tokens:
+            corrections = [
+                RateCheck(check.key, check.limit, tokens - grant.tokens, check.period_s, check.burst)
+                for check in grant.token_checks
+            ]
+        if grant.hold is None and not corrections:
+            return []
+        now = self._clock().timestamp()
+        settlement = await self.store.settle(grant.hold, max(0, cost_nano or 0), corrections, now=now)
+        spent = dict(zip(grant.budgets, settlement.spent, strict=False))
+        alerts = []
+        for check in settlement.alerts:
+            budget = grant.budgets[check.key]
+            config = budget.config
+            alert = BudgetAlert(
+                budget.who, budget.window, check.limit, spent[check.key], config.alert_at, config.webhook_url
+            )
+            alerts.append(alert)
+        return alerts

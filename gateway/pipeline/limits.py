@@ -1,0 +1,124 @@
+"""Stage: rate limits and budgets, taken in one store call before forwarding, settled afterwards.
+
+Before: the request's worst-case cost (prompt tokens plus `max_completion_tokens` or `max_tokens`,
+else the budget's `reserve_max_tokens`) is reserved and its tokens charged, atomically for every
+limit of the tenant and of the key (the stricter applies). After: the reservation is settled to the
+real cost and tokens that the accounting stage (inside this one) put on the response. A request
+that failed settles at zero; one whose client vanished is settled by a background task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from gateway.context import Handler, Principal, ProxyRequest, ProxyResponse
+from gateway.cost.ledger import nano_usd
+from gateway.cost.prices import PriceBook
+from gateway.cost.tokens import count_prompt
+from gateway.errors import BudgetExceeded, RateLimited
+from gateway.identity.keys import now_utc
+from gateway.limits import BudgetAlert, Grant, Limiter
+from gateway.metrics import Metrics
+
+logger = logging.getLogger("gateway.limits")
+
+
+def has_limits(principal: Principal) -> bool:
+    policy = principal.policy
+    return policy.rate_limit is not None or policy.budget is not None or principal.key_policy is not None
+
+
+def _output_cap(body: dict[str, Any]) -> int | None:
+    for name in ("max_completion_tokens", "max_tokens"):
+        value = body.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+class EnforceLimits:
+    def __init__(
+        self,
+        limiter: Limiter,
+        prices: PriceBook,
+        metrics: Metrics,
+        *,
+        notify: Callable[[BudgetAlert], None] | None = None,
+        clock: Callable[[], datetime] = now_utc,
+    ) -> None:
+        self._limiter = limiter
+        self._prices = prices
+        self._metrics = metrics
+        self._notify = notify
+        self._clock = clock
+        self._background: set[asyncio.Task[None]] = set()
+
+    async def __call__(self, request: ProxyRequest, call_next: Handler) -> ProxyResponse:
+        principal = request.principal
+        assert principal is not None, "Authenticate must run before EnforceLimits"
+        if not has_limits(principal):
+            return await call_next(request)  # no store call for a principal without limits
+        body = request.body
+        prompt = count_prompt(body, request.model)
+        cap = _output_cap(body)
+        n = body.get("n")
+        choices: int = n if isinstance(n, int) and not isinstance(n, bool) and n > 1 else 1
+        day = self._clock().date()
+
+        def worst_case_nano(output_tokens: int) -> int:
+            cost = self._prices.cost(
+                request.model, day, prompt_tokens=prompt, cached_tokens=0, completion_tokens=output_tokens * choices
+            )
+            return nano_usd(cost) or 0  # an unpriced model reserves nothing; accounting counts it unpriced
+
+        try:
+            grant = await self._limiter.admit(
+                principal, tokens=prompt + (cap or 0) * choices, worst_case_nano=worst_case_nano, max_tokens=cap
+            )
+        except BudgetExceeded:
+            self._metrics.budget_rejections.labels(principal.tenant).inc()
+            raise
+        except RateLimited:
+            self._metrics.rate_limited.labels(principal.tenant).inc()
+            raise
+        try:
+            response = await call_next(request)
+        except BaseException:
+            self._settle_later(principal, grant, None)
+            raise
+        response.headers.update(grant.headers)
+        if response.stream is None:
+            await self._settle(principal, grant, response)
+        else:
+
+            async def on_close() -> None:
+                await self._settle(principal, grant, response)
+
+            response.on_close(on_close)
+        return response
+
+    async def _settle(self, principal: Principal, grant: Grant, response: ProxyResponse | None) -> None:
+        usage = response.usage if response is not None else None
+        cost = response.cost_nano if response is not None else 0
+        try:
+            alerts = await self._limiter.settle(
+                grant, tokens=usage.total_tokens if usage is not None else 0, cost_nano=cost
+            )
+        except Exception:
+            logger.warning("could not settle the limits of tenant %s; the hold lapses", principal.tenant, exc_info=True)
+            return
+        for alert in alerts:
+            logger.warning("budget alert: %s", alert.message)
+            self._metrics.budget_alerts.labels(principal.tenant).inc()
+            if self._notify is not None:
+                self._notify(alert)
+
+    def _settle_later(self, principal: Principal, grant: Grant, response: ProxyResponse | None) -> None:
+        # The request failed or was cancelled (client gone): release its hold without delaying anyone.
+        task = asyncio.get_running_loop().create_task(self._settle(principal, grant, response))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
