@@ -127,7 +127,7 @@ def create_app(
             Authenticate(authenticator),
             ParseBody(),
             ModelAccess(router),
-            EnforceLimits(services.limiter, services.prices, services.metrics),
+            EnforceLimits(services.limiter, services.prices, services.metrics, notify=services.alerts.notify),
             Account(
                 services.prices,
                 services.ledger,

@@ -16,6 +16,7 @@ from gateway.identity.jwt import JWTVerifier
 from gateway.identity.keyring import KeyRing
 from gateway.identity.tenants import TenantDirectory
 from gateway.limits import Limiter
+from gateway.limits.webhook import AlertWebhook
 from gateway.metrics import Metrics
 from gateway.routing import Router
 from gateway.store import Store, open_store
@@ -45,6 +46,7 @@ class Services:
     ledger: Ledger  # the spend ledger: batched writes, flushed on stop
     prices: PriceBook
     limiter: Limiter
+    alerts: AlertWebhook
     transport_factory: TransportFactory
     clients: dict[str, UpstreamClient] = field(default_factory=dict)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -77,6 +79,7 @@ class Services:
             ),
             prices=PriceBook.from_config(config),
             limiter=Limiter(store),
+            alerts=AlertWebhook(),
             transport_factory=transport_factory,
         )
 
@@ -99,6 +102,7 @@ class Services:
         with contextlib.suppress(Exception):
             await self.keys.flush_last_used()
         await self.ledger.aclose()  # writes what is left; logs what cannot be written
+        await self.alerts.aclose()
         for client in self.clients.values():
             await client.transport.aclose()
         if self.authenticator.jwt is not None:
