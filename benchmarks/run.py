@@ -136,7 +136,14 @@ def wait_ready(service: Service, path: str) -> None:
             time.sleep(0.1)
 
 
-def gateway_config(gateway_port: int, mock_port: int, store_url: str) -> dict[str, Any]:
+# Limits so high that nothing is refused: the benchmark measures their cost, not their effect.
+BENCH_LIMITS = {
+    "rate_limit": {"requests_per_minute": 100_000_000, "tokens_per_minute": 10_000_000_000},
+    "budget": {"usd_per_day": 1_000_000, "usd_per_month": 9_000_000},
+}
+
+
+def gateway_config(gateway_port: int, mock_port: int, store_url: str, limits: bool = False) -> dict[str, Any]:
     return {
         "server": {"host": HOST, "port": gateway_port},
         "store": {"url": store_url},
@@ -148,7 +155,7 @@ def gateway_config(gateway_port: int, mock_port: int, store_url: str) -> dict[st
                 "api_keys": [{"id": "bench-key", "sha256": hashlib.sha256(BENCH_KEY.encode()).hexdigest()}],
             }
         },
-        "policies": {"default": {}},
+        "policies": {"default": dict(BENCH_LIMITS) if limits else {}},
     }
 
 
@@ -181,10 +188,12 @@ def wait_ready_tcp(service: Service) -> None:
         time.sleep(0.1)
 
 
-def start_gateway(stack: ExitStack, workdir: Path, mock: Service, workers: int, store_url: str) -> Service:
+def start_gateway(
+    stack: ExitStack, workdir: Path, mock: Service, workers: int, store_url: str, limits: bool = False
+) -> Service:
     port = free_port()
     config_path = workdir / "gateway.yaml"
-    config_path.write_text(yaml.safe_dump(gateway_config(port, mock.port, store_url), sort_keys=False))
+    config_path.write_text(yaml.safe_dump(gateway_config(port, mock.port, store_url, limits), sort_keys=False))
     args = ["serve", "--config", str(config_path), "--host", HOST, "--port", str(port), "--workers", str(workers)]
     gateway = start_service(stack, "gateway", args, port, workdir)
     wait_ready(gateway, "/healthz")
@@ -403,6 +412,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     only.add_argument("--gateway-only", action="store_true", help="skip the direct-to-mock runs")
     only.add_argument("--direct-only", action="store_true", help="only benchmark the mock itself")
     parser.add_argument(
+        "--limits",
+        action="store_true",
+        help="give the bench tenant a rate limit and a budget (never reached): their cost on every request",
+    )
+    parser.add_argument(
         "--reference",
         action="store_true",
         help="also measure a bare Starlette + aiohttp pass-through (benchmarks/passthrough.py) as a floor",
@@ -430,7 +444,7 @@ def run(args: argparse.Namespace, wrk: str) -> list[Row]:
         if not args.gateway_only:
             targets.append(Target("direct", mock.url, "", {"mock": mock.popen.pid}))
         if not args.direct_only:
-            gateway = start_gateway(stack, workdir, mock, args.workers, args.store_url)
+            gateway = start_gateway(stack, workdir, mock, args.workers, args.store_url, args.limits)
             processes = {"gateway": gateway.popen.pid, "mock": mock.popen.pid}
             targets.append(Target("gateway", gateway.url, BENCH_KEY, processes))
         if args.reference:

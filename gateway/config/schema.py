@@ -170,8 +170,9 @@ class ModelConfig(_Model):
 class BudgetConfig(_Model):
     """Spend limits in USD over UTC calendar windows (enforced by the budget stage)."""
 
-    usd_per_day: Annotated[float, Field(gt=0)] | None = None
-    usd_per_month: Annotated[float, Field(gt=0)] | None = None
+    # At most $9,000,000: budgets are counted in nano-dollars, exact up to 2**53 in every store.
+    usd_per_day: Annotated[float, Field(gt=0, le=9_000_000)] | None = None
+    usd_per_month: Annotated[float, Field(gt=0, le=9_000_000)] | None = None
     alert_at: Annotated[float, Field(gt=0, le=1)] = 0.8
     webhook_url: str | None = None
     reserve_max_tokens: Annotated[int, Field(gt=0)] = 4096
@@ -377,9 +378,9 @@ class LedgerConfig(_Model):
 
     # true: an answer's last bytes wait (at most 2 s) until its usage is in the store, so a crash
     # loses nothing a client received; false: written within flush_interval_s, a crash may lose that.
-    durable: bool = True
+    durable: bool = False
     flush_interval_s: Annotated[float, Field(gt=0, le=60)] = 0.2
-    commit_delay_s: Annotated[float, Field(ge=0, le=1)] = 0.005
+    commit_delay_s: Annotated[float, Field(ge=0, le=1)] = 0.0
 
 
 class GatewayConfig(_Model):
