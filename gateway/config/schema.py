@@ -374,7 +374,7 @@ class AuthConfig(_Model):
 
 
 class LedgerConfig(_Model):
-    """The spend ledger's writes: batched, and by default awaited before an answer completes."""
+    """The spend ledger's writes: batched; awaited before an answer completes only if `durable`."""
 
     # true: an answer's last bytes wait (at most 2 s) until its usage is in the store, so a crash
     # loses nothing a client received; false: written within flush_interval_s, a crash may lose that.
