@@ -124,7 +124,7 @@ class Limiter:
                 raise AssertionError(f"the store refused with no check refused: {admission}")
             raise error
         token_checks = tuple(rate.check for rate in rates if rate.dimension == TOKENS)
-        return Grant(headers, admission.hold, tokens, token_checks, {b.check.key: b for b in windows})
+        return Grant(headers, admission.hold, max(0, tokens), token_checks, {b.check.key: b for b in windows})
 
     async def settle(self, grant: Grant, *, tokens: int | None, cost_nano: int | None) -> list[BudgetAlert]:
         """Record the real cost (None: unpriced, counts 0) and tokens (None: keep the estimate) of a grant.
@@ -141,13 +141,12 @@ class Limiter:
             return []
         now = self._clock().timestamp()
         settlement = await self.store.settle(grant.hold, max(0, cost_nano or 0), corrections, now=now)
-        spent = dict(zip(grant.budgets, settlement.spent, strict=False))
+        held = grant.hold.budgets if grant.hold is not None else ()
+        spent = {check.key: amount for check, amount in zip(held, settlement.spent, strict=True)}
         alerts = []
         for check in settlement.alerts:
             budget = grant.budgets[check.key]
             config = budget.config
-            alert = BudgetAlert(
-                budget.who, budget.window, check.limit, spent[check.key], config.alert_at, config.webhook_url
-            )
-            alerts.append(alert)
+            who, window = budget.who, budget.window
+            alerts.append(BudgetAlert(who, window, check.limit, spent[check.key], config.alert_at, config.webhook_url))
         return alerts

@@ -17,8 +17,8 @@ units. Scaling the level by period_ms keeps the arithmetic exact for any limit (
 not represent one unit of a 150M-tokens-per-minute bucket) and lets an operator change `limit`
 without invalidating the stored level. The key expires when the bucket is full again, so idle
 buckets cost nothing. A settlement's correction may leave the bucket in debt (a request used more
-tokens than estimated), by one more burst at most. Replicas use their own `now`: a clock ahead by d ms can admit d ms of extra
-rate at most (`at` never moves backwards).
+tokens than estimated), by one more burst at most. Replicas use their own `now`: a clock ahead by
+d ms can admit d ms of extra rate at most (`at` never moves backwards).
 
 Budget window: `spent` plus the live holds of requests in flight. A check passes iff
 spent < limit and spent + held + amount <= limit, so concurrent requests cannot overshoot by more

@@ -172,15 +172,38 @@ class SQLiteStore:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
             conn = self._connect(self._busy_timeout_s)
             try:
-                conn.execute("PRAGMA journal_mode=WAL")
-                conn.execute("PRAGMA journal_size_limit=67108864")
-                conn.executescript(_SCHEMA)
-                conn.executescript(_LIMITS_SCHEMA)
+                self._set_up(conn)
             except sqlite3.Error:
                 conn.close()
                 raise
             self._worker_conn = conn
         return self._worker_conn
+
+    def _loop_connection(self) -> sqlite3.Connection:
+        conn = self._connect(self._busy_timeout_s)
+        try:
+            conn.execute("PRAGMA wal_autocheckpoint=0")
+            conn.execute("PRAGMA busy_timeout=0")
+        except sqlite3.Error:
+            conn.close()
+            raise
+        return conn
+
+    def _set_up(self, conn: sqlite3.Connection) -> None:
+        """WAL mode and the schema, retried: switching a new file to WAL fails at once, without waiting
+        for the busy timeout, while another process does the same (several workers starting together)."""
+        deadline = time.monotonic() + self._busy_timeout_s
+        while True:
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                break
+            except sqlite3.OperationalError as exc:
+                if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.01)
+        conn.execute("PRAGMA journal_size_limit=67108864")
+        conn.executescript(_SCHEMA)
+        conn.executescript(_LIMITS_SCHEMA)
 
     async def _in_worker(self, work: Callable[[sqlite3.Connection], T]) -> T:
         if self._worker is None:
@@ -195,13 +218,10 @@ class SQLiteStore:
     async def _connection(self) -> sqlite3.Connection:
         async with self._open_lock:
             if self._conn is None:
-                await self._in_worker(lambda conn: None)  # creates the file, WAL mode and the schema
-                try:
-                    conn = self._connect(0)
-                    conn.execute("PRAGMA wal_autocheckpoint=0")
-                except sqlite3.Error as exc:
-                    raise self._error(exc) from None
-                self._conn = conn
+                # On the worker, which creates the file, WAL mode and the schema first. Its set-up waits for
+                # other processes like the worker does (a new WAL file may be locked while another opens it),
+                # and only then does it stop waiting.
+                self._conn = await self._in_worker(lambda conn: self._loop_connection())
             return self._conn
 
     async def _execute(self, sql: str, params: Params, *, write: bool = False) -> list[Any]:

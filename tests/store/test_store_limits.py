@@ -192,6 +192,8 @@ async def test_settle_corrects_the_token_bucket(store: Store, t0: float) -> None
     await store.settle(None, 0, [RateCheck("rl:t:tok", 1000, cost=1400)], now=t0)  # used 1500 in all: in debt
     refused = (await probe(store, [tokens], t0))[0]
     assert refused == RateResult(False, 0, 90_000, 30_000)
+    await store.settle(None, 0, [RateCheck("rl:t:tok", 1000, cost=10**6)], now=t0)  # debt: one more burst at most
+    assert await probe(store, [tokens], t0) == (RateResult(False, 0, 120_000, 60_000),)
     await store.settle(None, 0, [RateCheck("rl:new:tok", 1000, cost=-10)], now=t0)  # nothing to refund
     assert await probe(store, [RateCheck("rl:new:tok", 1000)], t0) == (RateResult(True, 1000, 0, None),)
 
