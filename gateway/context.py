@@ -55,6 +55,10 @@ class ProxyRequest:
     model: str = ""
     stream: bool = False
     user: str | None = None
+    # Completion tokens (all choices together) that the budget hold covers, set by the limits stage when
+    # the client's own max_tokens does not keep the answer within it: a stream that reaches it is ended
+    # with an error event rather than spend past its hold. None: no such cap.
+    output_cap: int | None = None
 
     def set_body_field(self, name: str, value: Any) -> None:
         self.body[name] = value

@@ -40,6 +40,18 @@ def _output_cap(body: dict[str, Any]) -> int | None:
     return None
 
 
+def _reserved_output(principal: Principal) -> int | None:
+    """The fewest output tokens any of the caller's budgets holds when a request sets no limit."""
+    found = [
+        policy.budget.reserve_max_tokens
+        for policy in (principal.policy, principal.key_policy)
+        if policy is not None
+        and policy.budget is not None
+        and (policy.budget.usd_per_day is not None or policy.budget.usd_per_month is not None)
+    ]
+    return min(found, default=None)
+
+
 class EnforceLimits:
     def __init__(
         self,
@@ -85,6 +97,9 @@ class EnforceLimits:
         except RateLimited:
             self._metrics.rate_limited.labels(principal.tenant).inc()
             raise
+        reserve = _reserved_output(principal)
+        if reserve is not None and (cap is None or cap > reserve):
+            request.output_cap = reserve * choices
         try:
             response = await call_next(request)
         except BaseException:
