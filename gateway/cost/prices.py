@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import Context, Decimal, Inexact, InvalidOperation, Overflow, Rounded
 from pathlib import Path
@@ -41,6 +41,8 @@ class Price:
     input: Decimal
     cached_input: Decimal
     output: Decimal | None
+    # The same prices in picodollars per token, exact integers: the request path prices in int arithmetic.
+    per_token_pico: tuple[int, int, int | None] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for name in ("input", "cached_input", "output"):
@@ -52,6 +54,10 @@ class Price:
             exponent = value.as_tuple().exponent
             if isinstance(exponent, int) and exponent < -_MAX_PRICE_DECIMALS:
                 raise ValueError(f"{name} has more than {_MAX_PRICE_DECIMALS} decimal places: {value}")
+        output = None if self.output is None else _pico_per_token(self.output)
+        object.__setattr__(
+            self, "per_token_pico", (_pico_per_token(self.input), _pico_per_token(self.cached_input), output)
+        )
 
     @classmethod
     def from_entry(cls, entry: PriceEntry) -> Price:
@@ -73,6 +79,22 @@ class Price:
         if completion_tokens and self.output is not None:
             total = _EXACT.add(total, _EXACT.multiply(Decimal(completion_tokens), self.output))
         return _EXACT.quantize(_EXACT.scaleb(total, -6), COST_QUANTUM)
+
+    def cost_nano(self, prompt_tokens: int, cached_tokens: int, completion_tokens: int) -> int | None:
+        """`cost()` in whole nano-USD, rounded half-even like `nano_usd`, for usage already checked."""
+        input_pico, cached_pico, output_pico = self.per_token_pico
+        if completion_tokens and output_pico is None:
+            return None
+        pico = (prompt_tokens - cached_tokens) * input_pico + cached_tokens * cached_pico
+        if completion_tokens and output_pico is not None:
+            pico += completion_tokens * output_pico
+        nano, rest = divmod(pico, 1000)
+        return nano + 1 if rest > 500 or (rest == 500 and nano % 2) else nano
+
+
+def _pico_per_token(usd_per_million: Decimal) -> int:
+    """USD per 1M tokens (at most 6 decimals) as picodollars per token: exact by construction."""
+    return int(_EXACT.scaleb(usd_per_million, 6))
 
 
 def check_usage(prompt_tokens: int, cached_tokens: int, completion_tokens: int, reasoning_tokens: int) -> None:
@@ -195,3 +217,13 @@ class PriceBook:
             completion_tokens=completion_tokens,
             reasoning_tokens=reasoning_tokens,
         )
+
+    def cost_nano(
+        self, model: str, day: date, *, prompt_tokens: int, cached_tokens: int, completion_tokens: int
+    ) -> int | None:
+        """`nano_usd(cost(...))` in integer arithmetic, for the request path; None when unpriced."""
+        price = self.price_for(model, day)
+        if price is None:
+            return None
+        check_usage(prompt_tokens, cached_tokens, completion_tokens, 0)
+        return price.cost_nano(prompt_tokens, cached_tokens, completion_tokens)

@@ -83,6 +83,17 @@ def budgets(
     return found
 
 
+def with_amount(budget: Budget, amount: int) -> Budget:
+    """The same window holding `amount` nano-USD (a request's worst case) instead."""
+    check = budget.check
+    return Budget(
+        budget.who,
+        budget.window,
+        budget.config,
+        BudgetCheck(check.key, check.limit, amount, check.expires_at, check.alert_at),
+    )
+
+
 def budget_exceeded(outcomes: Sequence[tuple[Budget, BudgetResult]], headers: dict[str, str]) -> BudgetExceeded | None:
     """The 429 `insufficient_quota` for the first refused window, or None if none refused."""
     for budget, result in outcomes:

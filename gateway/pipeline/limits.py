@@ -9,14 +9,12 @@ that failed settles at zero; one whose client vanished is settled by a backgroun
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
 from gateway.context import Handler, Principal, ProxyRequest, ProxyResponse
-from gateway.cost.ledger import nano_usd
 from gateway.cost.prices import PriceBook
 from gateway.cost.tokens import count_prompt
 from gateway.errors import BudgetExceeded, RateLimited
@@ -67,7 +65,6 @@ class EnforceLimits:
         self._metrics = metrics
         self._notify = notify
         self._clock = clock
-        self._background: set[asyncio.Task[None]] = set()
 
     async def __call__(self, request: ProxyRequest, call_next: Handler) -> ProxyResponse:
         principal = request.principal
@@ -79,13 +76,12 @@ class EnforceLimits:
         cap = _output_cap(body)
         n = body.get("n")
         choices: int = n if isinstance(n, int) and not isinstance(n, bool) and n > 1 else 1
-        day = self._clock().date()
+        price = self._prices.price_for(request.model, self._clock().date())
 
         def worst_case_nano(output_tokens: int) -> int:
-            cost = self._prices.cost(
-                request.model, day, prompt_tokens=prompt, cached_tokens=0, completion_tokens=output_tokens * choices
-            )
-            return nano_usd(cost) or 0  # an unpriced model reserves nothing; accounting counts it unpriced
+            if price is None:
+                return 0  # an unpriced model reserves nothing; accounting counts it unpriced
+            return price.cost_nano(prompt, 0, output_tokens * choices) or 0
 
         try:
             grant = await self._limiter.admit(
@@ -103,15 +99,16 @@ class EnforceLimits:
         try:
             response = await call_next(request)
         except BaseException:
-            self._settle_later(principal, grant, None)
+            self._limiter.in_background(self._settle(principal, grant, None))  # at zero: the request failed
             raise
         response.headers.update(grant.headers)
         if response.stream is None:
-            await self._settle(principal, grant, response)
+            # Off the request path: the hold covers the request until then, so nothing can overshoot.
+            self._limiter.in_background(self._settle(principal, grant, response))
         else:
 
             async def on_close() -> None:
-                await self._settle(principal, grant, response)
+                self._limiter.in_background(self._settle(principal, grant, response))
 
             response.on_close(on_close)
         return response
@@ -131,9 +128,3 @@ class EnforceLimits:
             self._metrics.budget_alerts.labels(principal.tenant).inc()
             if self._notify is not None:
                 self._notify(alert)
-
-    def _settle_later(self, principal: Principal, grant: Grant, response: ProxyResponse | None) -> None:
-        # The request failed or was cancelled (client gone): release its hold without delaying anyone.
-        task = asyncio.get_running_loop().create_task(self._settle(principal, grant, response))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)

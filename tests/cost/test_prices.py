@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from gateway.config import ConfigError, GatewayConfig, load_config, parse_config
 from gateway.config.loader import check_pricing, load_prices_file
 from gateway.cost import Price, PriceBook, picodollars
+from gateway.cost.ledger import nano_usd
 from gateway.cost.prices import check_usage
 
 REPO = Path(__file__).resolve().parents[2]
@@ -609,3 +610,20 @@ def test_shipped_prices_sample(tmp_path: Path) -> None:
     assert book.cost("o3", date(2025, 6, 9), **usage) == Decimal("5") + Decimal("1.25") + Decimal("40")
     assert book.cost("o3", date(2025, 6, 10), **usage) == Decimal("1") + Decimal("0.25") + Decimal("8")
     assert book.cost("o3", date(2025, 4, 15), **usage) is None
+
+
+@given(input_=_PRICES, cached=_PRICES, output=_PRICES | st.none(), usage=_usage())
+def test_integer_nano_cost_equals_the_decimal_cost_rounded(
+    input_: Decimal, cached: Decimal, output: Decimal | None, usage: Any
+) -> None:
+    price = Price(input=input_, cached_input=cached, output=output)
+    parts = (usage["prompt_tokens"], usage["cached_tokens"], usage["completion_tokens"])
+    assert price.cost_nano(*parts) == nano_usd(price.cost(**usage))
+
+
+def test_nano_cost_rounds_half_to_even() -> None:
+    price = Price(input=Decimal("0.0005"), cached_input=Decimal(0), output=Decimal("0.0015"))  # 500, 1500 pico a token
+    assert price.cost_nano(1, 0, 0) == 0  # 0.5 nano -> 0
+    assert price.cost_nano(0, 0, 1) == 2  # 1.5 nano -> 2
+    assert price.cost_nano(3, 0, 0) == 2  # 1.5 nano -> 2
+    assert price.cost_nano(5, 0, 0) == 2  # 2.5 nano -> 2

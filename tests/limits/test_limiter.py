@@ -213,3 +213,31 @@ async def test_a_request_larger_than_tokens_per_minute_is_refused_for_good(limit
 def test_holds_must_lapse_before_their_windows_go() -> None:
     with pytest.raises(ValueError, match="hold_s"):
         Limiter(MemoryStore(), hold_s=100, grace_s=10)
+
+
+async def test_a_changed_policy_applies_at_once(limiter: Limiter) -> None:
+    # The limiter keeps each principal's limits worked out; a new policy object (an admin edit) replaces them.
+    await limiter.admit(principal({"rate_limit": {"requests_per_minute": 1}}), tokens=0, worst_case_nano=cents(1))
+    with pytest.raises(RateLimited):
+        await limiter.admit(principal({"rate_limit": {"requests_per_minute": 1}}), tokens=0, worst_case_nano=cents(1))
+    raised = principal({"rate_limit": {"requests_per_minute": 100}})
+    grant = await limiter.admit(raised, tokens=0, worst_case_nano=cents(1))
+    assert grant.headers["x-ratelimit-limit-requests"] == "100"
+    unlimited = await limiter.admit(principal({}), tokens=0, worst_case_nano=cents(1))
+    assert unlimited.headers == {} and unlimited.hold is None
+
+
+async def test_settlements_in_the_background_finish_before_drain_returns(limiter: Limiter) -> None:
+    who = principal({"budget": {"usd_per_day": 1}})
+    grant = await limiter.admit(who, tokens=0, worst_case_nano=cents(60))
+    settled: list[Sequence[Any]] = []
+
+    async def settle() -> None:
+        settled.append(await limiter.settle(grant, tokens=None, cost_nano=10 * USD // 100))
+
+    limiter.in_background(settle())
+    assert settled == []  # not on the caller's path
+    await limiter.drain()
+    assert settled == [[]]
+    grant = await limiter.admit(who, tokens=0, worst_case_nano=cents(90))  # the 60-cent hold became 10 cents spent
+    assert grant.hold is not None
