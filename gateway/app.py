@@ -6,8 +6,9 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -116,8 +117,16 @@ def create_app(
     transport_factory: TransportFactory = default_transport,
     metrics: Metrics | None = None,
     store: Store | None = None,
+    metrics_dir: str | None = None,
 ) -> GatewayApp:
-    services = Services.build(config, transport_factory=transport_factory, metrics=metrics, store=store)
+    """The app for `config`.
+
+    `metrics`: built from `config.metrics` unless given. `metrics_dir`: the directory of the workers'
+    shared metrics files (`gateway serve --workers N`); None keeps them in this app's registry.
+    """
+    services = Services.build(
+        config, transport_factory=transport_factory, metrics=metrics, store=store, metrics_dir=metrics_dir
+    )
     router = services.router
     authenticator = services.authenticator
     models = frozenset(router.models)
@@ -182,7 +191,12 @@ def create_app(
         return JSONResponse({"status": "ready", "store": services.store.url, "models": len(router.models)})
 
     async def metrics_endpoint(request: Request) -> Response:
-        return Response(generate_latest(services.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        metrics = services.metrics
+        if metrics.multiprocess_dir is None:
+            body = metrics.exposition()
+        else:  # reads every worker's files: off the event loop
+            body = await run_in_threadpool(metrics.exposition)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     admin = AdminAPI(
         config,

@@ -42,9 +42,22 @@ def _serve(args: argparse.Namespace) -> int:
         "proxy_headers": False,
     }
     if workers > 1:
+        from gateway.metrics import MULTIPROC_ENV, multiprocess_dir
+
         # Each worker process builds its own app from the same file, so it must be importable by name.
         os.environ["GATEWAY_CONFIG"] = path
-        uvicorn.run("gateway.asgi:app_from_env", factory=True, workers=workers, **options)
+        # The workers share their metrics through files in a fresh directory. uvicorn spawns them as new
+        # interpreters, which inherit this environment: prometheus_client sees it when they first import it.
+        with multiprocess_dir() as metrics_dir:
+            previous = os.environ.get(MULTIPROC_ENV)
+            os.environ[MULTIPROC_ENV] = metrics_dir
+            try:
+                uvicorn.run("gateway.asgi:app_from_env", factory=True, workers=workers, **options)
+            finally:
+                if previous is None:
+                    os.environ.pop(MULTIPROC_ENV, None)
+                else:
+                    os.environ[MULTIPROC_ENV] = previous
     else:
         from gateway.app import create_app
 

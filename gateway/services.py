@@ -59,6 +59,7 @@ class Services:
         transport_factory: TransportFactory = default_transport,
         metrics: Metrics | None = None,
         store: Store | None = None,
+        metrics_dir: str | None = None,
     ) -> Services:
         store = store or open_store(config.store.url)
         tenants = TenantDirectory(config, store)
@@ -67,7 +68,7 @@ class Services:
         return cls(
             config=config,
             router=Router(config),
-            metrics=metrics or Metrics(),
+            metrics=metrics or Metrics(config=config.metrics, multiprocess_dir=metrics_dir),
             store=store,
             tenants=tenants,
             keys=keys,
@@ -93,12 +94,14 @@ class Services:
         self.ledger.start()
 
     async def stop(self) -> None:
+        self.metrics.close()  # with several workers: this one's in-flight gauge leaves the sum
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
+        await self.limiter.drain()  # settlements still running: before the store closes
         with contextlib.suppress(Exception):
             await self.keys.flush_last_used()
         await self.ledger.aclose()  # writes what is left; logs what cannot be written

@@ -383,6 +383,21 @@ class LedgerConfig(_Model):
     commit_delay_s: Annotated[float, Field(ge=0, le=1)] = 0.0
 
 
+class MetricsLabelsConfig(_Model):
+    """Extra labels on the token and cost counters (gateway_tokens, gateway_cost_usd, gateway_unpriced_requests)."""
+
+    key: bool = False  # the API key's id (never the key): one series per key that is used
+    user: bool = False  # the end user (`user` field, x-gateway-user or the JWT's user claim), bounded by max_users
+
+
+class MetricsConfig(_Model):
+    """What /metrics exports beyond the fixed set (see docs/metrics.md)."""
+
+    labels: MetricsLabelsConfig = MetricsLabelsConfig()
+    # With labels.user: distinct users per process that get their own label value; later ones count as __other__.
+    max_users: Annotated[int, Field(ge=1, le=100_000)] = 1000
+
+
 class GatewayConfig(_Model):
     server: ServerConfig = ServerConfig()
     store: StoreConfig = StoreConfig()
@@ -395,3 +410,4 @@ class GatewayConfig(_Model):
     prices: dict[str, PriceList] = {}
     pricing: PricingConfig = PricingConfig()
     ledger: LedgerConfig = LedgerConfig()
+    metrics: MetricsConfig = MetricsConfig()

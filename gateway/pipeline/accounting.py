@@ -14,15 +14,16 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from gateway.context import Handler, ProxyRequest, ProxyResponse
+from gateway.context import Handler, Principal, ProxyRequest, ProxyResponse
 from gateway.cost.ledger import Ledger, UsageRecord, nano_usd, usd_text
 from gateway.cost.prices import PriceBook
 from gateway.errors import InvalidRequest
 from gateway.identity.keys import now_utc
-from gateway.metrics import Metrics
+from gateway.metrics import CostChildren, Metrics
 
 logger = logging.getLogger("gateway.accounting")
 
+_MAX_CACHED_SERIES = 10_000  # (tenant, model) pairs whose counter children are kept at hand
 DURABLE_WAIT_S = 2.0  # longest a response waits for its ledger write before it goes out anyway
 
 
@@ -43,7 +44,9 @@ class Account:
         self._reject_unpriced = reject_unpriced
         self._durable = durable
         self._clock = clock
-        self._children: dict[tuple[str, str], tuple[Any, ...]] = {}
+        # Counter children per (tenant, model), when the cost counters have no key or user label.
+        self._children: dict[tuple[str, str], CostChildren] = {}
+        self._per_caller = metrics.per_caller
 
     async def __call__(self, request: ProxyRequest, call_next: Handler) -> ProxyResponse:
         if self._reject_unpriced and not self._prices.is_priced(request.model, self._clock().date()):
@@ -87,7 +90,7 @@ class Account:
             reasoning_tokens=min(usage.reasoning_tokens, usage.completion_tokens),
         )
         response.cost_nano = nano_usd(cost)
-        self._count(principal.tenant, model, usage, response.cost_nano)
+        self._count(principal, request.user, model, usage, response.cost_nano)
         record = UsageRecord(
             tenant=principal.tenant,
             key_id=principal.key_id,
@@ -104,18 +107,18 @@ class Account:
         committed = self._ledger.record(record)
         return committed if self._durable else None
 
-    def _count(self, tenant: str, model: str, usage: Any, cost_nano: int | None) -> None:
-        children = self._children.get((tenant, model))
-        if children is None:
-            tokens = self._metrics.tokens
-            children = self._children[(tenant, model)] = (
-                tokens.labels(tenant, model, "prompt"),
-                tokens.labels(tenant, model, "cached"),
-                tokens.labels(tenant, model, "completion"),
-                tokens.labels(tenant, model, "reasoning"),
-                self._metrics.cost_usd.labels(tenant, model),
-                self._metrics.unpriced.labels(tenant, model),
-            )
+    def _count(self, principal: Principal, user: str | None, model: str, usage: Any, cost_nano: int | None) -> None:
+        children: CostChildren | None
+        if self._per_caller:  # metrics.labels: the metrics bound the users and cache the children
+            children = self._metrics.cost_children(principal.tenant, model, principal.key_id, user)
+        else:
+            children = self._children.get((principal.tenant, model))
+            if children is None:
+                if len(self._children) >= _MAX_CACHED_SERIES:
+                    self._children.clear()
+                children = self._children[(principal.tenant, model)] = self._metrics.cost_children(
+                    principal.tenant, model
+                )
         prompt, cached, completion, reasoning, cost, unpriced = children
         prompt.inc(usage.prompt_tokens)
         cached.inc(usage.cached_tokens)
