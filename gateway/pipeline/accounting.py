@@ -15,7 +15,7 @@ from datetime import datetime
 from typing import Any
 
 from gateway.context import Handler, Principal, ProxyRequest, ProxyResponse
-from gateway.cost.ledger import Ledger, UsageRecord, nano_usd, usd_text
+from gateway.cost.ledger import Ledger, UsageRecord, usd_text
 from gateway.cost.prices import PriceBook
 from gateway.errors import InvalidRequest
 from gateway.identity.keys import now_utc
@@ -81,15 +81,13 @@ class Account:
             return None
         model = response.model or request.model
         day = self._clock().date()
-        cost = self._prices.cost(
+        response.cost_nano = self._prices.cost_nano(
             model,
             day,
             prompt_tokens=usage.prompt_tokens,
             cached_tokens=min(usage.cached_tokens, usage.prompt_tokens),
             completion_tokens=usage.completion_tokens,
-            reasoning_tokens=min(usage.reasoning_tokens, usage.completion_tokens),
         )
-        response.cost_nano = nano_usd(cost)
         self._count(principal, request.user, model, usage, response.cost_nano)
         record = UsageRecord(
             tenant=principal.tenant,
