@@ -56,6 +56,9 @@ Control headers (a gateway forwards ``x-mock-*`` headers in tests)
 * ``x-mock-disconnect-after: N`` stream N events, then drop the connection
   without ``[DONE]``.
 * ``x-mock-stream-error: 1`` send an OpenAI error event mid-stream and end.
+* ``x-mock-reply-words: N`` make a text reply N words (pieces) long, by repeating
+  the usual reply's words (at most ``MAX_REPLY_WORDS``); ``max_tokens`` still
+  truncates it.  With ``x-mock-chunk-delay-ms`` it makes a long-running stream.
 
 A client disconnect noticed while the mock is waiting (latency or chunk
 delay) abandons the response and increments ``cancelled``.
@@ -103,6 +106,7 @@ MAX_RECORDED = 100
 DEFAULT_EMBEDDING_DIMENSIONS = 8
 SYSTEM_FINGERPRINT = "fp_mock"
 TOOL_FRAGMENT_CHARS = 4
+MAX_REPLY_WORDS = 20_000
 _CACHE_ENTRIES = 256
 _CACHE_MAX_BODY = 16_384
 _MAX_SCHEMA_DEPTH = 32
@@ -414,7 +418,7 @@ class _Reply:
 
     __slots__ = ("content", "finish_reason", "pieces", "tool")
 
-    def __init__(self, payload: dict[str, Any], messages: list[Any]) -> None:
+    def __init__(self, payload: dict[str, Any], messages: list[Any], words: int | None = None) -> None:
         self.tool = _pick_tool(payload)
         if self.tool is not None:
             arguments = self.tool[1]
@@ -426,6 +430,10 @@ class _Reply:
             return
         content = _reply_content(payload, messages)
         self.pieces = _PIECE_RE.findall(content)
+        if words is not None and self.pieces:
+            again, first = [" " + piece.lstrip() for piece in self.pieces], len(self.pieces)  # repeats after a space
+            self.pieces = [self.pieces[i] if i < first else again[i % first] for i in range(words)]
+            content = "".join(self.pieces)
         self.finish_reason = "stop"
         limit = _int_field(payload, "max_completion_tokens", None, 0, 1 << 31)
         if limit is None:
@@ -442,7 +450,9 @@ class _Plan:
 
     __slots__ = ("logprobs", "model", "n", "reply", "top_logprobs", "usage")
 
-    def __init__(self, payload: dict[str, Any], deployment: str | None, omit_usage: bool) -> None:
+    def __init__(
+        self, payload: dict[str, Any], deployment: str | None, omit_usage: bool, reply_words: int | None = None
+    ) -> None:
         model = deployment or payload.get("model")
         if not isinstance(model, str) or not model:
             raise APIError(400, "you must provide a model parameter", param="model")
@@ -451,7 +461,7 @@ class _Plan:
             raise APIError(400, "'messages' must be a non-empty array.", param="messages")
         self.model = model
         self.n = _int_field(payload, "n", 1, 1, 128) or 1
-        self.reply = _Reply(payload, messages)
+        self.reply = _Reply(payload, messages, reply_words)
         self.usage = None
         if not omit_usage:
             self.usage = _usage(_prompt_tokens(messages), len(self.reply.pieces) * self.n)
@@ -459,7 +469,7 @@ class _Plan:
         self.logprobs = payload.get("logprobs") is True and self.reply.tool is None
 
 
-_CacheKey = tuple[bytes, str | None, bool]  # (request body, Azure deployment, omit usage)
+_CacheKey = tuple[bytes, str | None, bool, int | None]  # (request body, Azure deployment, omit usage, reply words)
 _T = TypeVar("_T")
 
 
@@ -620,14 +630,16 @@ class MockUpstream:
         send: Send,
     ) -> None:
         omit_usage = headers.get(b"x-mock-omit-usage") not in (None, b"0", b"false")
+        raw_words = headers.get(b"x-mock-reply-words")
+        words = None if raw_words is None else min(MAX_REPLY_WORDS, max(1, _int_or(raw_words, 1)))
         created = int(time.time())
         # Everything but "id" and "created" depends only on the request, so repeated identical requests
         # (a benchmark) reuse their serialization: this keeps the mock far cheaper than a gateway in front.
-        key = (body, deployment, omit_usage)
+        key = (body, deployment, omit_usage, words)
         if payload.get("stream") is True:
             parts = self._stream_cache.get(key)
             if parts is None:
-                plan = _Plan(payload, deployment, omit_usage)
+                plan = _Plan(payload, deployment, omit_usage, words)
                 options = payload.get("stream_options")
                 include_usage = isinstance(options, dict) and options.get("include_usage") is True
                 parts = _stream_parts(plan, seq, include_usage)
@@ -636,7 +648,7 @@ class MockUpstream:
             return
         tail = self._completion_tails.get(key)
         if tail is None:
-            plan = _Plan(payload, deployment, omit_usage)
+            plan = _Plan(payload, deployment, omit_usage, words)
             tail = orjson.dumps(_completion_rest(plan, seq))[1:]
             _remember(self._completion_tails, key, tail, plan, body)
         prefix = b'{"id":"chatcmpl-mock-%d","object":"chat.completion","created":%d,' % (seq, created)

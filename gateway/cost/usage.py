@@ -5,10 +5,16 @@ inside only the events that contain `"usage"`. The gateway always asks for usage
 (`stream_options.include_usage`); when the client did not, the meter removes what that adds, so the
 client gets the bytes OpenAI sends without it: the `"usage":null` of every chunk and the final
 `choices: []` chunk that carries the usage.
+
+Given a `cap` (the completion tokens a budget hold covers, `ProxyRequest.output_cap`), the meter also
+counts the tokens of every delta as it passes, and ends the stream before the first event that would
+take the count past the cap: that event and the rest of the upstream's stream are dropped, the
+upstream is closed, and the client gets `cap_event` (an SSE error event) instead.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from collections.abc import AsyncIterator
@@ -17,8 +23,10 @@ from typing import Any
 import orjson
 
 from gateway import sse
-from gateway.context import Usage
+from gateway.context import Usage, aclose
 from gateway.cost.tokens import count_tokens
+
+logger = logging.getLogger("gateway.usage")
 
 KEEP_BYTES = 65_536  # of a stream, kept for an estimate; the count of the rest is extrapolated by size
 
@@ -26,6 +34,8 @@ _USAGE = b'"usage"'
 _OPENAI_NULL = b'"usage":null'
 _NULL_USAGE = b"," + _OPENAI_NULL  # as OpenAI writes it, after "choices"
 _NULL_SIZE = len(_NULL_USAGE)
+_DELTA = b'"delta"'
+_DATA = b"data: "
 _NULL_USAGE_ANYHOW = re.compile(rb'\s*,\s*"usage"\s*:\s*null(?=\s*[,}])|"usage"\s*:\s*null\s*,\s*')
 
 
@@ -70,6 +80,9 @@ def _parse(data: bytes) -> Any:
         return None
 
 
+_TEXT_FIELDS = ("content", "refusal", "reasoning_content", "reasoning")
+
+
 def completion_text(answer: Any, key: str = "message") -> list[str]:
     """The generated text of a chat completion (`key="message"`) or a stream chunk (`key="delta"`)."""
     parts: list[str] = []
@@ -78,7 +91,8 @@ def completion_text(answer: Any, key: str = "message") -> list[str]:
         message = choice.get(key) if isinstance(choice, dict) else None
         if not isinstance(message, dict):
             continue
-        parts.extend(message[name] for name in ("content", "refusal") if isinstance(message.get(name), str))
+        # reasoning_content (vLLM, DeepSeek) and reasoning (OpenRouter): generated text that OpenAI's API never shows
+        parts.extend(message[name] for name in _TEXT_FIELDS if isinstance(message.get(name), str))
         calls = message.get("tool_calls")
         calls = calls if isinstance(calls, list) else []
         functions = [call.get("function") for call in calls if isinstance(call, dict)]
@@ -95,19 +109,40 @@ class StreamMeter:
     mentions usage: ~0.5 µs a chunk. Only events that carry a usage object (or write a null usage
     unusually) are parsed. The first KEEP_BYTES of the stream are kept, unparsed, in case the stream
     ends without usage and its tokens must be counted.
+
+    With a `cap`, every event that has a `delta` is parsed as well, and its generated text counted
+    with `model`'s tokenizer, delta by delta (the text seen so far is never counted again): ~7 µs an
+    event, most of it the tokenizer. `counted` is then the completion tokens the client was sent, all
+    choices together, and it never exceeds the cap. `cut` says whether the stream was ended at the cap.
     """
 
-    __slots__ = ("_kept", "_more", "_room", "_strip", "usage")
+    __slots__ = ("_cap", "_cap_event", "_kept", "_model", "_more", "_room", "_strip", "counted", "cut", "usage")
 
-    def __init__(self, strip: bool, keep_bytes: int = KEEP_BYTES) -> None:
+    def __init__(
+        self,
+        strip: bool,
+        keep_bytes: int = KEEP_BYTES,
+        *,
+        cap: int | None = None,
+        model: str = "",
+        cap_event: bytes = b"",
+    ) -> None:
         self.usage: Usage | None = None
         self._strip = strip
         self._kept: list[bytes] = []
         self._room = keep_bytes
         self._more = 0  # bytes seen after the kept ones
+        self._cap = cap
+        self._model = model
+        self._cap_event = cap_event
+        self.counted = 0  # completion tokens sent to the client (counted only with a cap)
+        self.cut = False  # the stream reached its cap and was ended with cap_event
 
-    async def filter(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    def filter(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         """The chunks (each one or more whole SSE events) as the client gets them: maybe fewer bytes."""
+        return self._metered(chunks) if self._cap is None else self._capped(chunks, self._cap)
+
+    async def _metered(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         strip, kept, room = self._strip, self._kept, self._room  # locals: this loop is the hot path
         async for chunk in chunks:
             size = len(chunk)
@@ -117,7 +152,7 @@ class StreamMeter:
             else:
                 self._more += size
             mentions = chunk.count(_USAGE)
-            if mentions:
+            if mentions:  # the body of _usage_seen, inlined
                 if strip:  # usually every mention is OpenAI's null: then one replace is all
                     stripped = chunk.replace(_NULL_USAGE, b"")
                     chunk = stripped if size - len(stripped) == mentions * _NULL_SIZE else self._events(stripped)
@@ -125,6 +160,50 @@ class StreamMeter:
                     chunk = self._events(chunk)
             if chunk:
                 yield chunk
+
+    async def _capped(self, chunks: AsyncIterator[bytes], cap: int) -> AsyncIterator[bytes]:
+        async for chunk in chunks:
+            start = 0
+            size = len(chunk)
+            while start < size:
+                end = chunk.find(b"\n\n", start)
+                end = size if end < 0 else end
+                raw = chunk[start:end]
+                tokens = self._tokens(raw) if _DELTA in raw else 0
+                if tokens:
+                    if self.counted + tokens > cap:
+                        yield await self._cut(chunks, chunk[:start])
+                        return
+                    self.counted += tokens
+                start = end + 2
+            chunk = self._usage_seen(chunk)
+            if chunk:
+                yield chunk
+
+    async def _cut(self, chunks: AsyncIterator[bytes], head: bytes) -> bytes:
+        """End the stream: close the upstream at once (it stops generating), then the error event."""
+        self.cut = True
+        try:
+            await aclose(chunks)
+        except Exception:
+            logger.warning("closing the upstream of a stream cut at its cap failed", exc_info=True)
+        return self._usage_seen(head) + self._cap_event
+
+    def _tokens(self, raw: bytes) -> int:
+        """The generated tokens in one event: its deltas' text, counted with the model's tokenizer."""
+        data = raw[len(_DATA) :] if raw.startswith(_DATA) and b"\n" not in raw else sse.Event(raw).data
+        text = "".join(completion_text(_parse(data), "delta"))
+        return count_tokens(text, self._model) if text else 0
+
+    def _usage_seen(self, chunk: bytes) -> bytes:
+        """The chunk with the usage the client did not ask for removed, and any usage read."""
+        mentions = chunk.count(_USAGE)
+        if not mentions:
+            return chunk
+        if self._strip:
+            stripped = chunk.replace(_NULL_USAGE, b"")
+            return stripped if len(chunk) - len(stripped) == mentions * _NULL_SIZE else self._events(stripped)
+        return chunk if chunk.count(_OPENAI_NULL) == mentions else self._events(chunk)
 
     def _events(self, chunk: bytes) -> bytes:
         return b"".join(self._event(raw) for raw in chunk.split(b"\n\n") if raw)
@@ -149,7 +228,12 @@ class StreamMeter:
         return sse.encode(orjson.dumps(payload))
 
     def completion_tokens(self, model: str) -> int:
-        """Count the tokens generated in the stream so far (for when it carried no usage)."""
+        """Count the tokens generated in the stream so far (for when it carried no usage).
+
+        With a cap they were counted as they passed: the count of what the client was sent.
+        """
+        if self._cap is not None:
+            return self.counted
         kept = b"".join(self._kept)
         parts: list[str] = []
         for raw in kept.split(b"\n\n"):

@@ -8,6 +8,12 @@ the client sees what OpenAI would have sent. A stream's usage is known when it c
 from the upstream (none reported, a stream cut short by an upstream failure or a client disconnect)
 the gateway counts the tokens itself and marks the usage `estimated`.
 
+When a budget hold covers only so many completion tokens (`request.output_cap`, set by the limits
+stage when the client's own max_tokens does not keep the answer within the hold), a stream's tokens
+are counted as they pass. Before the first event that would take them past the cap, the stream ends
+with an `insufficient_quota` / `budget_reserve_exhausted` error event and the upstream is closed; the
+usage recorded is then the tokens the client was sent, estimated, and never more than the hold.
+
 It runs last before Forward, so that the stages that spend usage (budgets, rate limits, accounting)
 are outside it and find `response.usage` set, for streams in their own `on_close`.
 """
@@ -22,8 +28,11 @@ import orjson
 from gateway.context import Handler, ProxyRequest, ProxyResponse, Usage, aclose
 from gateway.cost.tokens import count_input, count_prompt, count_tokens
 from gateway.cost.usage import StreamMeter, completion_text, usage_in_body
+from gateway.errors import BudgetExceeded
 
 logger = logging.getLogger("gateway.usage")
+
+CAP_CODE = "budget_reserve_exhausted"  # the error event of a stream ended at its budget hold
 
 
 class MeasureUsage:
@@ -33,15 +42,24 @@ class MeasureUsage:
         model = response.model or request.model
         if response.stream is not None:
             upstream = response.stream
-            meter = StreamMeter(strip=not asked)
+            cap = request.output_cap if 200 <= response.status < 300 else None
+            event = b"" if cap is None else _cap_event(request, cap)
+            meter = StreamMeter(strip=not asked, cap=cap, model=model, cap_event=event)
             response.stream = meter.filter(upstream)
 
             async def finish() -> None:
                 await aclose(upstream)  # also when the metered stream was closed before it started
                 usage = meter.usage
-                if usage is None:
+                if usage is None or meter.cut:  # a cut stream's usage chunk, if any, was never sent
                     prompt, completion = count_prompt(request.body, model), meter.completion_tokens(model)
                     usage = Usage(prompt_tokens=prompt, completion_tokens=completion, estimated=True)
+                if meter.cut:
+                    logger.info(
+                        "request_id=%s model=%s stream stopped at its budget hold: %d completion tokens",
+                        request.request_id,
+                        model,
+                        usage.completion_tokens,
+                    )
                 _record(request, response, usage)
 
             response.on_close(finish)
@@ -61,6 +79,30 @@ def _ask_for_usage(request: ProxyRequest) -> bool:
         return True
     request.set_body_field("stream_options", {**options, "include_usage": True})
     return False
+
+
+def _cap_event(request: ProxyRequest, cap: int) -> bytes:
+    """The error event that ends a stream at its cap: why, and what to do (never the prompt's text)."""
+    body = request.body
+    n = body.get("n")
+    choices = n if isinstance(n, int) and not isinstance(n, bool) and n > 1 else 1
+    per_choice = max(1, cap // choices)
+    total = f"{cap} completion tokens" + (f" ({choices} choices together)" if choices > 1 else "")
+    asked = next(
+        (
+            f"its {name} ({value}) is more than that"
+            for name in ("max_completion_tokens", "max_tokens")
+            if isinstance(value := body.get(name), int) and not isinstance(value, bool) and value > 0
+        ),
+        "it sets neither max_tokens nor max_completion_tokens",
+    )
+    message = (
+        f"The answer was stopped at its limit of {total}, all that this request's budget hold covers "
+        f"(the budget's reserve_max_tokens, {per_choice} per choice), as {asked}. Set max_completion_tokens "
+        f"or max_tokens to {per_choice} or less to get an answer that ends within the hold, or ask the "
+        "gateway's operator to raise the budget's reserve_max_tokens."
+    )
+    return BudgetExceeded(message, code=CAP_CODE).sse_event()
 
 
 def _estimate(request: ProxyRequest, body: bytes, model: str) -> Usage:

@@ -224,7 +224,8 @@ async def test_a_changed_policy_applies_at_once(limiter: Limiter) -> None:
     grant = await limiter.admit(raised, tokens=0, worst_case_nano=cents(1))
     assert grant.headers["x-ratelimit-limit-requests"] == "100"
     unlimited = await limiter.admit(principal({}), tokens=0, worst_case_nano=cents(1))
-    assert unlimited.headers == {} and unlimited.hold is None
+    assert unlimited.headers == {}
+    assert unlimited.hold is None
 
 
 async def test_settlements_in_the_background_finish_before_drain_returns(limiter: Limiter) -> None:
