@@ -9,6 +9,7 @@ that failed settles at zero; one whose client vanished is settled by a backgroun
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from datetime import datetime
@@ -23,6 +24,10 @@ from gateway.limits import BudgetAlert, Grant, Limiter
 from gateway.metrics import Metrics
 
 logger = logging.getLogger("gateway.limits")
+
+
+# A prompt this large takes ~1 ms or more to count: a thread keeps the event loop serving the others.
+_COUNT_IN_THREAD_BYTES = 16_384
 
 
 def has_limits(principal: Principal) -> bool:
@@ -72,7 +77,10 @@ class EnforceLimits:
         if not has_limits(principal):
             return await call_next(request)  # no store call for a principal without limits
         body = request.body
-        prompt = count_prompt(body, request.model)
+        if len(request.raw_body) > _COUNT_IN_THREAD_BYTES:  # tiktoken releases the GIL: the loop goes on meanwhile
+            prompt = await asyncio.to_thread(count_prompt, body, request.model)
+        else:
+            prompt = count_prompt(body, request.model)
         cap = _output_cap(body)
         n = body.get("n")
         choices: int = n if isinstance(n, int) and not isinstance(n, bool) and n > 1 else 1
