@@ -1,10 +1,17 @@
 """Atomic limits in the store: GCRA rate buckets and budget windows with self-expiring holds.
 
 `Store.admit(checks)` evaluates every check of a request together and applies all of them or none,
-in ONE store operation (memory: no await in between; SQLite: one BEGIN IMMEDIATE transaction;
+in ONE store operation (memory: no await in between; SQLite: inside one BEGIN IMMEDIATE transaction;
 Redis: one Lua script). `Store.settle(hold, spend)` turns the request's holds into real spend.
 This module holds the contract's types and the reference algorithm, which memory:// and
 sqlite:/// run over their own storage; gateway/store/limits_redis.py is the same arithmetic in Lua.
+
+Coalescing (gateway/store/coalesce.py): SQLite and Redis queue the `AdmitCall`s and `SettleCall`s
+issued in one event-loop iteration and run them together, in call order: SQLite in one transaction
+over a cache that reads each row once and writes it once (limits_sqlite.py); Redis in one script
+call (limits_redis.py). Each call's checks stay atomic, and each call's result is exactly what it
+would be had the calls run one after another: callers see no difference but the cost, one store
+round trip per batch.
 
 Everything is an integer, so every backend computes the same result to the unit: time in ms since
 the epoch, money in nano-USD. All values stay below 2**53, where Lua's doubles are exact.
@@ -33,7 +40,9 @@ worst cases, so crossing on them would alert on spend that never happens.
 
 from __future__ import annotations
 
+import itertools
 import math
+import os
 import secrets
 import time
 from collections.abc import Sequence
@@ -135,8 +144,47 @@ def hold_ms(hold_s: float) -> int:
     return max(1, round(hold_s * 1000))
 
 
+class _HoldIds:
+    """A random per-process prefix (64 bits, drawn once) and a counter: unique across processes and
+    replicas, without a system call per hold. A forked child draws a prefix of its own."""
+
+    def __init__(self) -> None:
+        self.reseed()
+
+    def reseed(self) -> None:
+        self.prefix = secrets.token_hex(8)  # fixed length, so prefix + counter never reads as another pair
+        self.counter = itertools.count(1)
+
+
+_hold_ids = _HoldIds()
+os.register_at_fork(after_in_child=_hold_ids.reseed)
+
+
 def new_hold_id() -> str:
-    return secrets.token_hex(8)
+    return f"{_hold_ids.prefix}{next(_hold_ids.counter):x}"
+
+
+@dataclass(frozen=True, slots=True)
+class AdmitCall:
+    """`Store.admit`, validated and with its times resolved, as a batching backend queues it."""
+
+    checks: Sequence[LimitCheck]
+    now: int  # ms
+    hold_id: str
+    hold_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class SettleCall:
+    """`Store.settle`, validated and with its time resolved."""
+
+    hold: Hold | None
+    spend: int
+    corrections: Sequence[RateCheck]
+    now: int  # ms
+
+
+LimitCall = AdmitCall | SettleCall
 
 
 def check_admit(checks: Sequence[LimitCheck], hold_s: float) -> None:
@@ -277,3 +325,9 @@ def settle_on(
         if crossed:
             alerts.append(budget)
     return Settlement(tuple(spent_after), tuple(alerts))
+
+
+def apply_on(state: LimitState, call: LimitCall) -> Admission | Settlement:
+    if isinstance(call, AdmitCall):
+        return admit_on(state, call.checks, call.now, call.hold_id, call.hold_ms)
+    return settle_on(state, call.hold, call.spend, call.corrections, call.now)

@@ -1,4 +1,4 @@
-"""The limits of gateway/store/limits.py in Redis: one Lua script for `admit`, one for `settle`.
+"""The limits of gateway/store/limits.py in Redis: one Lua script that runs a batch of `admit`s and `settle`s.
 
 Keys (under the store's prefix): a bucket is a hash {l: level, t: at} that expires when the bucket
 is full again; a window is a hash {s: spent, r: held, a: alerted} that expires with the window, and
@@ -9,27 +9,39 @@ crashed replica's holds stop counting once they lapse, with no sweeper. Hashes, 
 `get`, `scan` and MGET never see limit state. The arithmetic mirrors limits.py exactly: integers
 below 2**53, and `idiv` is an exact floor division on doubles. Times are the callers' `now`; a bucket
 and a holds ZSET expire in Redis SKEW (5 s) after their end by that clock, so a replica whose clock
-runs behind Redis's never sees state vanish before it has drained or lapsed. Each script runs atomically in
-Redis, so every replica sees one order of calls; nothing is read and then written from Python.
-(Redis Cluster would need the keys of one call in one hash slot: not supported, like the rest.)
+runs behind Redis's never sees state vanish before it has drained or lapsed.
+
+The calls a replica coalesced (gateway/store/coalesce.py) go as ONE EVALSHA of BATCH_SCRIPT, which
+runs them in order. KEYS lists each key once, however many calls use it (under load they mostly
+share a tenant's keys), and ARGV[1] is one JSON array of the calls, each naming its keys by index:
+what the client encodes and parses per call is a few numbers, not ~50 arguments and ~30 replies,
+which were most of a call's cost. A script runs atomically in Redis, so every replica sees one
+order of calls, and each call's checks are evaluated and applied together; nothing is read and then
+written from Python. Each call runs under `pcall`, so a call that fails (a key of the wrong type)
+gets its own error reply and the others go on; like any Redis script, it keeps what it wrote before
+the error. (Redis Cluster would need a batch's keys in one hash slot: not supported, like the rest.)
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import orjson
+
 from gateway.store.limits import (
     Admission,
+    AdmitCall,
     BudgetCheck,
     BudgetResult,
     Hold,
+    LimitCall,
     LimitCheck,
     RateCheck,
     RateResult,
     Settlement,
 )
 
-_COMMON = """
+BATCH_SCRIPT = """
 local SKEW = 5000
 local function idiv(a, b)
   local q = math.floor(a / b)
@@ -79,142 +91,192 @@ local function window(k, h, now, ttl)
   end
   return tonumber(w[1]) or 0, held, w[3] ~= false
 end
-local now, hold_id, nr = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[4])
-local nb = (#KEYS - nr) / 2
-local out = {}
-"""
-# KEYS: rate keys, then (window, holds) pairs. ARGV: now, hold id, hold expiry, #rates, then
-# (limit, period_ms, capacity, cost) per rate, then (limit, amount, member, expiry) per window.
-# Returns: passed, (alone, remaining, reset, retry or -1) per rate, (alone, spent, held) per window.
-_ADMIT = (
-    _COMMON
-    + """
-local hold_exp = tonumber(ARGV[3])
-local passed, rates, budgets = true, {}, {}
-for i = 1, nr do
-  local a = 4 + 4 * (i - 1)
-  local limit, period, capacity, cost = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]),
-    tonumber(ARGV[a + 4])
-  local level, at = drained(KEYS[i], limit, now)
-  local after = level + cost * period
-  if after > capacity then passed = false end
-  rates[i] = {limit, period, capacity, cost, level, at, after}
+
+-- A call's keys K (rate keys, then (window, holds) pairs), and its numbers P: (limit, period_ms,
+-- capacity, cost) per rate, then per window (limit, amount, expiry) to admit, (amount, expiry,
+-- alert_at or -1) to settle. Each fills `out` with the integers of its reply.
+local function admit(K, now, hold_id, hold_exp, nr, P, out)
+  local nb = (#K - nr) / 2
+  local passed, rates, budgets = true, {}, {}
+  for i = 1, nr do
+    local a = 4 * (i - 1)
+    local limit, period, capacity, cost = P[a + 1], P[a + 2], P[a + 3], P[a + 4]
+    local level, at = drained(K[i], limit, now)
+    local after = level + cost * period
+    if after > capacity then passed = false end
+    rates[i] = {limit, period, capacity, cost, level, at, after}
+  end
+  for j = 1, nb do
+    local a = 4 * nr + 3 * (j - 1)
+    local limit, amount, expires = P[a + 1], P[a + 2], P[a + 3]
+    if expires < hold_exp then expires = hold_exp end
+    local spent, held = window(K[nr + 2 * j - 1], K[nr + 2 * j], now, expires - now)
+    local alone = spent < limit and spent + held + amount <= limit
+    if not alone then passed = false end
+    budgets[j] = {amount, int(amount) .. ':' .. hold_id, expires, spent, held, alone}
+  end
+  out[1] = passed and 1 or 0
+  for i = 1, nr do
+    local limit, period, capacity, cost, level, at, after = unpack(rates[i])
+    local n = #out
+    if passed then
+      if cost ~= 0 then put_bucket(K[i], after, at, limit, now) end
+      out[n + 1], out[n + 2], out[n + 3], out[n + 4] = 1, idiv(capacity - after, period), cdiv(after, limit), -1
+    else
+      local retry, free = -1, capacity - level
+      if after > capacity and cost * period <= capacity then retry = cdiv(after - capacity, limit) end
+      if free < 0 then free = 0 end
+      out[n + 1], out[n + 2], out[n + 3], out[n + 4] = after <= capacity and 1 or 0, idiv(free, period),
+        cdiv(level, limit), retry
+    end
+  end
+  for j = 1, nb do
+    local amount, member, expires, spent, held, alone = unpack(budgets[j])
+    if passed and amount > 0 then
+      local k, h = K[nr + 2 * j - 1], K[nr + 2 * j]
+      redis.call('ZADD', h, hold_exp, member)
+      extend(h, hold_exp - now + SKEW)
+      held = held + amount
+      redis.call('HSET', k, 'r', int(held))
+      local ttl = redis.call('PTTL', k)
+      local want = ttl
+      if want < 0 then want = expires - now end
+      if want < hold_exp - now + SKEW then want = hold_exp - now + SKEW end
+      if want ~= ttl then redis.call('PEXPIRE', k, want) end
+    end
+    local n = #out
+    out[n + 1], out[n + 2], out[n + 3] = alone and 1 or 0, spent, held
+  end
 end
-for j = 1, nb do
-  local a = 4 + 4 * nr + 4 * (j - 1)
-  local limit, amount, expires = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 4])
-  if expires < hold_exp then expires = hold_exp end
-  local spent, held = window(KEYS[nr + 2 * j - 1], KEYS[nr + 2 * j], now, expires - now)
-  local alone = spent < limit and spent + held + amount <= limit
-  if not alone then passed = false end
-  budgets[j] = {amount, ARGV[a + 3], expires, spent, held, alone}
+
+local function settle(K, now, hold_id, spend, nr, P, out)
+  local nb = (#K - nr) / 2
+  for i = 1, nr do
+    local a = 4 * (i - 1)
+    local limit, period, capacity, cost = P[a + 1], P[a + 2], P[a + 3], P[a + 4]
+    local level, at, stored = drained(K[i], limit, now)
+    level = level + cost * period
+    if level < 0 then level = 0 end
+    if level > 2 * capacity then level = 2 * capacity end
+    if level > 0 or stored then put_bucket(K[i], level, at, limit, now) end
+  end
+  for j = 1, nb do
+    local a = 4 * nr + 3 * (j - 1)
+    local k, h = K[nr + 2 * j - 1], K[nr + 2 * j]
+    local amount, alert = P[a + 1], P[a + 3]
+    local ttl = P[a + 2] - now
+    if ttl < 1 then ttl = 1 end
+    local spent, held, alerted = window(k, h, now, ttl)
+    local wrote = false
+    if amount > 0 and redis.call('ZREM', h, int(amount) .. ':' .. hold_id) == 1 then
+      held = held - amount
+      if held < 0 then held = 0 end
+      redis.call('HSET', k, 'r', int(held))
+      wrote = true
+    end
+    spent = spent + spend
+    local crossed = alert >= 0 and not alerted and spent >= alert
+    if spend > 0 then redis.call('HSET', k, 's', int(spent)); wrote = true end
+    if crossed then redis.call('HSET', k, 'a', 1); wrote = true end
+    if wrote then touch(k, ttl) end
+    local n = #out
+    out[n + 1], out[n + 2] = spent, crossed and 1 or 0
+  end
 end
-out[1] = passed and 1 or 0
-for i = 1, nr do
-  local limit, period, capacity, cost, level, at, after = unpack(rates[i])
-  local n = #out
-  if passed then
-    if cost ~= 0 then put_bucket(KEYS[i], after, at, limit, now) end
-    out[n + 1], out[n + 2], out[n + 3], out[n + 4] = 1, idiv(capacity - after, period), cdiv(after, limit), -1
+
+-- ARGV[1]: the calls, [[1 (admit) or 2 (settle), [key indices], now, hold id, hold expiry or spend,
+-- #rates, [numbers]], ...]. Returns one string per call: its integers, or "!" and its error.
+local replies = {}
+for c, call in ipairs(cjson.decode(ARGV[1])) do
+  local K = {}
+  for i, k in ipairs(call[2]) do K[i] = KEYS[k] end
+  local out = {}
+  local ok, err = pcall(call[1] == 1 and admit or settle, K, call[3], call[4], call[5], call[6], call[7], out)
+  if ok then
+    for i = 1, #out do out[i] = int(out[i]) end
+    replies[c] = table.concat(out, ' ')
   else
-    local retry, free = -1, capacity - level
-    if after > capacity and cost * period <= capacity then retry = cdiv(after - capacity, limit) end
-    if free < 0 then free = 0 end
-    out[n + 1], out[n + 2], out[n + 3], out[n + 4] = after <= capacity and 1 or 0, idiv(free, period),
-      cdiv(level, limit), retry
+    if type(err) == 'table' then err = err.err end
+    replies[c] = '!' .. tostring(err)
   end
 end
-for j = 1, nb do
-  local amount, member, expires, spent, held, alone = unpack(budgets[j])
-  if passed and amount > 0 then
-    local k, h = KEYS[nr + 2 * j - 1], KEYS[nr + 2 * j]
-    redis.call('ZADD', h, hold_exp, member)
-    extend(h, hold_exp - now + SKEW)
-    held = held + amount
-    redis.call('HSET', k, 'r', int(held))
-    local ttl = redis.call('PTTL', k)
-    local want = ttl
-    if want < 0 then want = expires - now end
-    if want < hold_exp - now + SKEW then want = hold_exp - now + SKEW end
-    if want ~= ttl then redis.call('PEXPIRE', k, want) end
-  end
-  local n = #out
-  out[n + 1], out[n + 2], out[n + 3] = alone and 1 or 0, spent, held
-end
-return out
+return replies
 """
-)
-# KEYS and ARGV as for admit, with the spend in place of the hold expiry and (amount, member,
-# expiry, alert_at or -1) per window. Returns (spent, crossed) per window.
-_SETTLE = (
-    _COMMON
-    + """
-local spend = tonumber(ARGV[3])
-for i = 1, nr do
-  local a = 4 + 4 * (i - 1)
-  local limit, period, capacity, cost = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]),
-    tonumber(ARGV[a + 4])
-  local level, at, stored = drained(KEYS[i], limit, now)
-  level = level + cost * period
-  if level < 0 then level = 0 end
-  if level > 2 * capacity then level = 2 * capacity end
-  if level > 0 or stored then put_bucket(KEYS[i], level, at, limit, now) end
-end
-for j = 1, nb do
-  local a = 4 + 4 * nr + 4 * (j - 1)
-  local k, h = KEYS[nr + 2 * j - 1], KEYS[nr + 2 * j]
-  local amount, member, alert = tonumber(ARGV[a + 1]), ARGV[a + 2], tonumber(ARGV[a + 4])
-  local ttl = tonumber(ARGV[a + 3]) - now
-  if ttl < 1 then ttl = 1 end
-  local spent, held, alerted = window(k, h, now, ttl)
-  local wrote = false
-  if amount > 0 and redis.call('ZREM', h, member) == 1 then
-    held = held - amount
-    if held < 0 then held = 0 end
-    redis.call('HSET', k, 'r', int(held))
-    wrote = true
-  end
-  spent = spent + spend
-  local crossed = alert >= 0 and not alerted and spent >= alert
-  if spend > 0 then redis.call('HSET', k, 's', int(spent)); wrote = true end
-  if crossed then redis.call('HSET', k, 'a', 1); wrote = true end
-  if wrote then touch(k, ttl) end
-  local n = #out
-  out[n + 1], out[n + 2] = spent, crossed and 1 or 0
-end
-return out
-"""
-)
-ADMIT_SCRIPT, SETTLE_SCRIPT = _ADMIT, _SETTLE
 
 
-def _rate_args(check: RateCheck) -> list[int]:
-    return [check.limit, check.period_ms, check.capacity, check.cost]
+class _Keys:
+    """KEYS of one batch: each key once, named by its 1-based index."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.keys: list[str] = []
+        self._index: dict[str, int] = {}
+
+    def at(self, key: str) -> int:
+        index = self._index.get(key)
+        if index is None:
+            self.keys.append(self.prefix + key)
+            index = self._index[key] = len(self.keys)
+        return index
 
 
-def _member(check: BudgetCheck, hold_id: str) -> str:
-    return f"{check.amount}:{hold_id}"
+def _rate_args(check: RateCheck) -> tuple[int, int, int, int]:
+    return check.limit, check.period_ms, check.capacity, check.cost
 
 
-def admit_call(
-    prefix: str, checks: Sequence[LimitCheck], now: int, hold_id: str, hold_ms: int
-) -> tuple[list[str], list[str | int]]:
-    """KEYS and ARGV of ADMIT_SCRIPT."""
-    rates = [check for check in checks if isinstance(check, RateCheck)]
-    budgets = [check for check in checks if isinstance(check, BudgetCheck)]
-    keys = [prefix + check.key for check in rates]
-    args: list[str | int] = [now, hold_id, now + hold_ms, len(rates)]
-    for rate in rates:
-        args += _rate_args(rate)
-    for budget in budgets:
-        keys += (prefix + budget.key, prefix + budget.key + ":holds")
-        args += (budget.limit, budget.amount, _member(budget, hold_id), budget.expires_ms)
-    return keys, args
+def _admit_call(keys: _Keys, call: AdmitCall) -> list[object]:
+    indices: list[int] = []
+    numbers: list[int] = []
+    for check in call.checks:
+        if isinstance(check, RateCheck):
+            indices.append(keys.at(check.key))
+            numbers += _rate_args(check)
+    rates = len(indices)
+    for check in call.checks:
+        if isinstance(check, BudgetCheck):
+            indices += (keys.at(check.key), keys.at(check.key + ":holds"))
+            numbers += (check.limit, check.amount, check.expires_ms)
+    return [1, indices, call.now, call.hold_id, call.now + call.hold_ms, rates, numbers]
 
 
-def admission(reply: Sequence[int], checks: Sequence[LimitCheck], now: int, hold_id: str, hold_ms: int) -> Admission:
-    """ADMIT_SCRIPT's reply, back in the order of `checks`."""
-    values = [int(value) for value in reply]
+def _settle_call(keys: _Keys, call: LimitCall) -> list[object]:
+    assert not isinstance(call, AdmitCall)
+    hold = call.hold
+    indices = [keys.at(check.key) for check in call.corrections]
+    numbers: list[int] = []
+    for rate in call.corrections:
+        numbers += _rate_args(rate)
+    for budget in hold.budgets if hold is not None else ():
+        indices += (keys.at(budget.key), keys.at(budget.key + ":holds"))
+        numbers += (budget.amount, budget.expires_ms, -1 if budget.alert_at is None else budget.alert_at)
+    hold_id = "" if hold is None else hold.id
+    return [2, indices, call.now, hold_id, call.spend, len(call.corrections), numbers]
+
+
+def batch_call(prefix: str, calls: Sequence[LimitCall]) -> tuple[list[str], list[bytes]]:
+    """KEYS and ARGV of BATCH_SCRIPT for `calls`, in order."""
+    keys = _Keys(prefix)
+    encoded = [_admit_call(keys, call) if isinstance(call, AdmitCall) else _settle_call(keys, call) for call in calls]
+    return keys.keys, [orjson.dumps(encoded)]
+
+
+class ScriptFailed(Exception):
+    """One call of a batch failed in Redis (its message is Redis's)."""
+
+
+def outcome(reply: bytes | str, call: LimitCall) -> Admission | Settlement:
+    """One call's part of BATCH_SCRIPT's reply; ScriptFailed if it failed."""
+    text = reply.decode() if isinstance(reply, bytes) else reply
+    if text.startswith("!"):
+        raise ScriptFailed(text[1:])
+    values = [int(value) for value in text.split()]
+    if isinstance(call, AdmitCall):
+        return admission(values, call.checks, call.now, call.hold_id, call.hold_ms)
+    return settlement(values, call.hold)
+
+
+def admission(values: list[int], checks: Sequence[LimitCheck], now: int, hold_id: str, hold_ms: int) -> Admission:
+    """An admit's integers, back in the order of `checks`."""
     passed = bool(values[0])
     rate_at = 1
     budget_at = 1 + 4 * sum(isinstance(check, RateCheck) for check in checks)
@@ -233,23 +295,7 @@ def admission(reply: Sequence[int], checks: Sequence[LimitCheck], now: int, hold
     return Admission(passed, tuple(results), hold)
 
 
-def settle_call(
-    prefix: str, hold: Hold | None, spend: int, corrections: Sequence[RateCheck], now: int
-) -> tuple[list[str], list[str | int]]:
-    """KEYS and ARGV of SETTLE_SCRIPT."""
-    keys = [prefix + check.key for check in corrections]
-    args: list[str | int] = [now, "" if hold is None else hold.id, spend, len(corrections)]
-    for rate in corrections:
-        args += _rate_args(rate)
-    for budget in hold.budgets if hold is not None else ():
-        keys += (prefix + budget.key, prefix + budget.key + ":holds")
-        alert = -1 if budget.alert_at is None else budget.alert_at
-        args += (budget.amount, _member(budget, hold.id if hold else ""), budget.expires_ms, alert)
-    return keys, args
-
-
-def settlement(reply: Sequence[int], hold: Hold | None) -> Settlement:
-    values = [int(value) for value in reply]
+def settlement(values: list[int], hold: Hold | None) -> Settlement:
     budgets = hold.budgets if hold is not None else ()
     spent = tuple(values[0::2])
     alerts = tuple(budget for budget, crossed in zip(budgets, values[1::2], strict=True) if crossed)

@@ -13,11 +13,13 @@ import pytest
 
 from gateway.store import StoreError
 from gateway.store.sqlite import SQLiteStore
+from gateway.store.sqlite_session import Worker
 
 # A worker process: waits for the common start time, then races the others on one file.
 WORKER = """
 import asyncio, sys, time
 from gateway.store.sqlite import SQLiteStore
+from gateway.store.sqlite_session import Worker
 
 async def main(path, start_at, rounds):
     store = SQLiteStore(path)
@@ -106,10 +108,10 @@ async def test_point_reads_and_writes_stay_on_the_event_loop_thread(
     await store.set("k", b"v")  # the first write schedules maintenance on the worker...
     await store.scan("")  # ...which is over once this, queued behind it, has run
 
-    async def no_thread(*args: object) -> None:
+    def no_thread(*args: object) -> None:
         raise AssertionError("went to the worker thread")
 
-    monkeypatch.setattr(store, "_in_worker", no_thread)
+    monkeypatch.setattr(Worker, "submit", no_thread)
     assert await store.get("k") == b"v"
     assert await store.add("new", b"v") is True
     assert await store.incr("n") == 1
