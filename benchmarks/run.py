@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import http.client
 import json
 import os
 import platform
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -343,6 +345,37 @@ def bench_target(wrk: str, target: Target, concurrencies: Sequence[int], seconds
     return rows
 
 
+TTFT_SAMPLES = 500
+
+
+def time_to_first_token_ms(target: Target, samples: int = TTFT_SAMPLES) -> float:
+    """p50 of the time from sending a streaming request to reading its first bytes of events, one at a time.
+
+    Over one kept-alive connection with the stdlib client: its own cost is the same for every target, so
+    the difference between the gateway's figure and the direct one is what the gateway adds.
+    """
+    host, port = target.url.removeprefix("http://").split(":")
+    headers = {"content-type": "application/json"}
+    if target.api_key:
+        headers["authorization"] = f"Bearer {target.api_key}"
+    body = request_body("stream").encode()
+    connection = http.client.HTTPConnection(host, int(port), timeout=10)
+    timings = []
+    try:
+        for _ in range(samples):
+            started = time.perf_counter()
+            connection.request("POST", "/v1/chat/completions", body, headers)
+            response = connection.getresponse()
+            first = response.read1(65536)
+            timings.append(time.perf_counter() - started)
+            rest = response.read()
+            if response.status != 200 or b"data: [DONE]" not in first + rest:
+                raise BenchError(f"{target.name}: a stream failed (status {response.status}): {(first + rest)[:300]!r}")
+    finally:
+        connection.close()
+    return round(statistics.median(timings) * 1000, 3)
+
+
 # ----------------------------------------------------------------------------- reporting
 
 
@@ -374,7 +407,9 @@ def added_latency_c1(rows: Sequence[Row]) -> dict[str, float]:
     }
 
 
-def write_results(path: Path, args: argparse.Namespace, rows: Sequence[Row], added: dict[str, float]) -> None:
+def write_results(
+    path: Path, args: argparse.Namespace, rows: Sequence[Row], added: dict[str, float], ttft: dict[str, float]
+) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     report = {
         "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -389,6 +424,7 @@ def write_results(path: Path, args: argparse.Namespace, rows: Sequence[Row], add
         },
         "rows": [asdict(r) for r in rows],
         "added_latency_p50_ms_c1": added,
+        "time_to_first_token_p50_ms": ttft,
     }
     path.write_text(json.dumps(report, indent=2) + "\n")
 
@@ -455,7 +491,7 @@ def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)  # unwinds through the ExitStack, which stops the children
 
 
-def run(args: argparse.Namespace, wrk: str) -> list[Row]:
+def run(args: argparse.Namespace, wrk: str) -> tuple[list[Row], dict[str, float]]:
     with ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="gateway-bench-")))
         mock = start_mock(stack, workdir)
@@ -472,9 +508,11 @@ def run(args: argparse.Namespace, wrk: str) -> list[Row]:
             processes = {"gateway": reference.popen.pid, "mock": mock.popen.pid}
             targets.append(Target("passthrough", reference.url, "", processes))
         print(f"benchmarking {', '.join(t.name for t in targets)} ({args.duration}s runs)", file=sys.stderr)
-        return [
+        rows = [
             row for target in targets for row in bench_target(wrk, target, args.concurrency, args.duration, args.warmup)
         ]
+        ttft = {target.name: time_to_first_token_ms(target) for target in targets}
+        return rows, ttft
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -485,7 +523,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
-        rows = run(args, wrk)
+        rows, ttft = run(args, wrk)
     except BenchError as error:
         print(f"benchmark failed: {error}", file=sys.stderr)
         return 1
@@ -493,7 +531,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(markdown_table(rows))
     for mode, milliseconds in added.items():
         print(f"\nadded latency p50 at c=1 ({mode}): {milliseconds:.3f} ms")
-    write_results(args.output, args, rows, added)
+    for name, milliseconds in ttft.items():
+        print(f"time to first token p50, one stream at a time ({name}): {milliseconds:.3f} ms")
+    if "gateway" in ttft and "direct" in ttft:
+        print(f"added time to first token p50: {ttft['gateway'] - ttft['direct']:.3f} ms")
+    write_results(args.output, args, rows, added, ttft)
     print(f"\nresults written to {args.output}", file=sys.stderr)
     failures = sum(r.failures for r in rows)
     if failures:
