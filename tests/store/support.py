@@ -1,4 +1,4 @@
-"""What the store tests share: a fake clock and `Backend`, a way to open replicas of one store."""
+"""What the store tests share: a fake clock, `Backend` (a way to open replicas of one store), `probe`."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from gateway.store import Store
+from gateway.store.limits import BudgetCheck, BudgetResult, LimitCheck, RateCheck, RateResult
 
 
 class FakeClock:
@@ -37,3 +38,14 @@ class Backend:
             self.clock.now += seconds
         else:
             await asyncio.sleep(seconds)
+
+
+async def probe(store: Store, checks: list[LimitCheck], now: float) -> tuple[RateResult | BudgetResult, ...]:
+    """The state of the checks' counters, read without taking anything."""
+    zero: list[LimitCheck] = [
+        RateCheck(c.key, c.limit, 0, c.period_s, c.burst)
+        if isinstance(c, RateCheck)
+        else BudgetCheck(c.key, c.limit, 0, c.expires_at, c.alert_at)
+        for c in checks
+    ]
+    return (await store.admit(zero, now=now)).results

@@ -29,7 +29,7 @@ from gateway.store.limits import (
 )
 from gateway.store.memory import MemoryStore
 
-from .support import Backend
+from .support import Backend, probe
 
 DAY = 86400.0
 Call = Callable[[Store], Awaitable[Admission | Settlement]]
@@ -45,16 +45,6 @@ def comparable(outcome: Admission | Settlement) -> object:
     if isinstance(outcome, Admission):
         return outcome.allowed, outcome.results, outcome.hold and (outcome.hold.budgets, outcome.hold.expires_ms)
     return outcome
-
-
-async def probe(store: Store, checks: list[LimitCheck], now: float) -> tuple[RateResult | BudgetResult, ...]:
-    zero: list[LimitCheck] = [
-        RateCheck(c.key, c.limit, 0, c.period_s, c.burst)
-        if isinstance(c, RateCheck)
-        else BudgetCheck(c.key, c.limit, 0, c.expires_at, c.alert_at)
-        for c in checks
-    ]
-    return (await store.admit(zero, now=now)).results
 
 
 async def test_200_concurrent_admits_take_exactly_what_fits(backend: Backend, t0: float) -> None:

@@ -25,7 +25,7 @@ from gateway.store.limits import (
 )
 from gateway.store.memory import MemoryStore
 
-from .support import Backend
+from .support import Backend, probe
 
 DAY = 86400.0
 
@@ -37,17 +37,6 @@ def t0() -> float:
 
 def budget(key: str = "b", limit: int = 1000, amount: int = 100, t0: float = 0.0, **extra: int) -> BudgetCheck:
     return BudgetCheck(key, limit, amount, (t0 or time.time()) + DAY, extra.get("alert_at"))
-
-
-async def probe(store: Store, checks: list[LimitCheck], now: float) -> tuple[RateResult | BudgetResult, ...]:
-    """The state of the checks' counters, read without taking anything."""
-    zero: list[LimitCheck] = [
-        RateCheck(c.key, c.limit, 0, c.period_s, c.burst)
-        if isinstance(c, RateCheck)
-        else BudgetCheck(c.key, c.limit, 0, c.expires_at, c.alert_at)
-        for c in checks
-    ]
-    return (await store.admit(zero, now=now)).results
 
 
 # rate buckets
