@@ -122,6 +122,14 @@ class BudgetExceeded(GatewayError):
     should_retry = False
 
 
+class StoreUnavailable(GatewayError):
+    """The gateway's own store (keys, limits) failed: the request was not forwarded, a retry may pass."""
+
+    status = 503
+    type = "api_error"
+    code = "store_unavailable"
+
+
 class UpstreamError(GatewayError):
     """The upstream failed and the gateway already retried, so the client should not."""
 

@@ -16,9 +16,11 @@ from typing import Any
 from starlette.types import Receive, Scope, Send
 
 from gateway.context import Endpoint, Handler, ProxyRequest, ProxyResponse, aclose
-from gateway.errors import ClientDisconnected, GatewayError, InvalidRequest, RequestTooLarge
+from gateway.errors import ClientDisconnected, GatewayError, InvalidRequest, RequestTooLarge, StoreUnavailable
 from gateway.metrics import Metrics
+from gateway.quietlog import QuietWarning
 from gateway.request_id import request_id_from
+from gateway.store import StoreError
 
 logger = logging.getLogger("gateway.proxy")
 access_logger = logging.getLogger("gateway.access")
@@ -124,6 +126,7 @@ class ProxyEndpoint:
         self._duration = metrics.request_duration.labels(endpoint.name)
         self._overhead = metrics.overhead.labels(endpoint.name)
         self._disconnects = metrics.client_disconnects.labels(endpoint.name)
+        self._store_failures = QuietWarning(logger, "the store failed; requests get 503 store_unavailable")
         self._requests: dict[tuple[str, int], Any] = {}
         self._upstream_duration: dict[str, Any] = {}
 
@@ -154,6 +157,14 @@ class ProxyEndpoint:
             if watcher is not None:
                 watcher.done()
             await send_error(send, error, id_header)
+        except StoreError as exc:
+            # Fail closed: limits and stored keys cannot be checked, so nothing is forwarded. The SDKs retry a 503.
+            status = 503
+            if watcher is not None:
+                watcher.done()
+            self._store_failures.warn(exc)
+            message = "The gateway cannot reach its store right now, so this request was not sent on; try again."
+            await send_error(send, StoreUnavailable(message), id_header)
         except ClientDisconnected:
             self._disconnects.inc()
         except asyncio.CancelledError:

@@ -17,6 +17,8 @@ from gateway.errors import ModelNotFound
 from gateway.metrics import Metrics
 from gateway.proxy import ProxyEndpoint
 from gateway.sse import Decoder
+from gateway.store import StoreError
+from gateway.store.memory import MemoryStore
 from gateway.upstream.httpx_transport import HttpxTransport
 from gateway.upstream.transport import Timeouts
 
@@ -615,3 +617,39 @@ async def test_a_stream_is_closed_even_if_the_client_is_gone_before_the_headers(
     with pytest.raises(OSError, match="connection reset"):
         await endpoint(scope, receive, send)
     assert closed == ["on_close"]
+
+
+# --- the store is down -----------------------------------------------------------------------
+
+
+class _StoreDown(MemoryStore):
+    """Pings and reads work; the limit calls fail as a store that just went away does."""
+
+    async def admit(self, *args: Any, **kwargs: Any) -> Any:
+        raise StoreError("Redis store redis://cache:6379/0: Error 111 connecting to cache:6379. Connection refused.")
+
+
+async def test_limits_that_cannot_be_checked_refuse_with_503_and_forward_nothing(
+    make_config: Callable[..., GatewayConfig],
+    upstreams: Upstreams,
+    started: Start,
+    registry: CollectorRegistry,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    config = make_config({"policies": {"default": {"rate_limit": {"requests_per_minute": 100}}}})
+    app = create_app(config, transport_factory=upstreams.factory, metrics=Metrics(registry), store=_StoreDown())
+    client = await started(app)
+    for _ in range(3):
+        response = await client.post(CHAT, content=_chat(), headers=AUTH)
+        assert response.status_code == 503
+        assert _error(response) == {
+            "message": "The gateway cannot reach its store right now, so this request was not sent on; try again.",
+            "type": "api_error",
+            "param": None,
+            "code": "store_unavailable",
+        }
+    assert upstreams.requests["primary"] == []  # fail closed: an unchecked budget is not spent
+    assert _count(registry, "gpt-4o", 503) == 3
+    warnings = [r.getMessage() for r in caplog.records if "store_unavailable" in r.getMessage()]
+    assert len(warnings) == 1  # one line per outage interval, not one per request
+    assert "Connection refused" in warnings[0]

@@ -22,6 +22,7 @@ from gateway.errors import BudgetExceeded, RateLimited
 from gateway.identity.keys import now_utc
 from gateway.limits import BudgetAlert, Grant, Limiter
 from gateway.metrics import Metrics
+from gateway.quietlog import QuietWarning
 
 logger = logging.getLogger("gateway.limits")
 
@@ -70,6 +71,7 @@ class EnforceLimits:
         self._metrics = metrics
         self._notify = notify
         self._clock = clock
+        self._unsettled = QuietWarning(logger, "could not settle a request's limits; its holds lapse on their own")
 
     async def __call__(self, request: ProxyRequest, call_next: Handler) -> ProxyResponse:
         principal = request.principal
@@ -128,8 +130,8 @@ class EnforceLimits:
             alerts = await self._limiter.settle(
                 grant, tokens=usage.total_tokens if usage is not None else 0, cost_nano=cost
             )
-        except Exception:
-            logger.warning("could not settle the limits of tenant %s; the hold lapses", principal.tenant, exc_info=True)
+        except Exception as exc:
+            self._unsettled.warn(exc)
             return
         for alert in alerts:
             logger.warning("budget alert: %s", alert.message)
