@@ -29,6 +29,8 @@ from gateway.cost.tokens import count_tokens
 logger = logging.getLogger("gateway.usage")
 
 KEEP_BYTES = 65_536  # of a stream, kept for an estimate; the count of the rest is extrapolated by size
+_MEMO_CHARS = 32  # deltas up to this long have their counts remembered, per stream
+_MEMO_ENTRIES = 4096
 
 _USAGE = b'"usage"'
 _OPENAI_NULL = b'"usage":null'
@@ -93,13 +95,41 @@ def completion_text(answer: Any, key: str = "message") -> list[str]:
             continue
         # reasoning_content (vLLM, DeepSeek) and reasoning (OpenRouter): generated text that OpenAI's API never shows
         parts.extend(message[name] for name in _TEXT_FIELDS if isinstance(message.get(name), str))
-        calls = message.get("tool_calls")
-        calls = calls if isinstance(calls, list) else []
-        functions = [call.get("function") for call in calls if isinstance(call, dict)]
-        for function in (*functions, message.get("function_call")):
-            if isinstance(function, dict):
-                parts.extend(function[name] for name in ("name", "arguments") if isinstance(function.get(name), str))
+        parts.extend(_call_text(message))
     return parts
+
+
+def _call_text(message: dict[str, Any]) -> list[str]:
+    """The names and arguments of a message's (or delta's) tool and function calls."""
+    calls = message.get("tool_calls")
+    calls = calls if isinstance(calls, list) else []
+    functions = [call.get("function") for call in calls if isinstance(call, dict)]
+    return [
+        function[name]
+        for function in (*functions, message.get("function_call"))
+        if isinstance(function, dict)
+        for name in ("name", "arguments")
+        if isinstance(function.get(name), str)
+    ]
+
+
+def _delta_text(chunk: Any) -> str:
+    """`"".join(completion_text(chunk, "delta"))`, specialised for a stream's chunks: this runs on every event."""
+    choices = chunk.get("choices") if chunk.__class__ is dict else None
+    if choices.__class__ is not list:
+        return ""
+    parts: list[str] = []
+    for choice in choices:
+        delta = choice.get("delta") if choice.__class__ is dict else None
+        if delta.__class__ is not dict:
+            continue
+        for name in _TEXT_FIELDS:
+            value = delta.get(name)
+            if value.__class__ is str:
+                parts.append(value)
+        if "tool_calls" in delta or "function_call" in delta:
+            parts.extend(_call_text(delta))
+    return "".join(parts)
 
 
 class StreamMeter:
@@ -111,12 +141,25 @@ class StreamMeter:
     ends without usage and its tokens must be counted.
 
     With a `cap`, every event that has a `delta` is parsed as well, and its generated text counted
-    with `model`'s tokenizer, delta by delta (the text seen so far is never counted again): ~7 µs an
-    event, most of it the tokenizer. `counted` is then the completion tokens the client was sent, all
-    choices together, and it never exceeds the cap. `cut` says whether the stream was ended at the cap.
+    with `model`'s tokenizer, delta by delta (the text seen so far is never counted again; a short
+    delta's count is remembered for the stream): ~4 µs an event against ~0.6 µs without a cap.
+    `counted` is then the completion tokens the client was sent, all choices together, and it never
+    exceeds the cap. `cut` says whether the stream was ended at the cap.
     """
 
-    __slots__ = ("_cap", "_cap_event", "_kept", "_model", "_more", "_room", "_strip", "counted", "cut", "usage")
+    __slots__ = (
+        "_cap",
+        "_cap_event",
+        "_kept",
+        "_memo",
+        "_model",
+        "_more",
+        "_room",
+        "_strip",
+        "counted",
+        "cut",
+        "usage",
+    )
 
     def __init__(
         self,
@@ -135,6 +178,7 @@ class StreamMeter:
         self._cap = cap
         self._model = model
         self._cap_event = cap_event
+        self._memo: dict[str, int] = {}
         self.counted = 0  # completion tokens sent to the client (counted only with a cap)
         self.cut = False  # the stream reached its cap and was ended with cap_event
 
@@ -192,8 +236,19 @@ class StreamMeter:
     def _tokens(self, raw: bytes) -> int:
         """The generated tokens in one event: its deltas' text, counted with the model's tokenizer."""
         data = raw[len(_DATA) :] if raw.startswith(_DATA) and b"\n" not in raw else sse.Event(raw).data
-        text = "".join(completion_text(_parse(data), "delta"))
-        return count_tokens(text, self._model) if text else 0
+        text = _delta_text(_parse(data))
+        if not text:
+            return 0
+        if len(text) > _MEMO_CHARS:
+            return count_tokens(text, self._model)
+        # Most deltas are one short token that recurs (" the", ","): a dict hit costs a tenth of a count.
+        memo = self._memo
+        count = memo.get(text)
+        if count is None:
+            if len(memo) >= _MEMO_ENTRIES:
+                memo.clear()
+            count = memo[text] = count_tokens(text, self._model)
+        return count
 
     def _usage_seen(self, chunk: bytes) -> bytes:
         """The chunk with the usage the client did not ask for removed, and any usage read."""
