@@ -461,3 +461,23 @@ async def test_through_the_app_max_tokens_above_the_reserve_is_cut_at_the_reserv
     error = error_of(body[body.rindex(b"data: {") :])
     assert error["code"] == CAP_CODE
     assert "its max_completion_tokens (1000) is more than that" in error["message"]
+
+
+@pytest.mark.parametrize(
+    "chunk",
+    [
+        {"choices": [{"index": 0, "delta": {"content": "hi"}}]},
+        {"choices": [{"index": 0, "delta": {"role": "assistant", "content": "", "refusal": None}}]},
+        {"choices": [{"delta": {"content": "a"}}, {"delta": {"content": "b", "reasoning_content": "r"}}]},
+        {"choices": [{"delta": {"tool_calls": [{"index": 0, "function": {"name": "f", "arguments": '{"x'}}]}}]},
+        {"choices": [{"delta": {"function_call": {"arguments": "1}"}, "content": None}}]},
+        {"choices": [{"delta": {"refusal": "no", "reasoning": "why"}}, "junk", {"delta": "junk"}]},
+        {"choices": []},
+        {"choices": "junk"},
+        {"usage": {"prompt_tokens": 1}},
+        ["not", "an", "object"],
+        None,
+    ],
+)
+def test_the_fast_delta_reader_reads_what_completion_text_reads(chunk: Any) -> None:
+    assert usage_module._delta_text(chunk) == "".join(usage_module.completion_text(chunk, "delta"))
