@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import http.server
+import json
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -326,3 +330,90 @@ def test_a_tenant_key_is_not_an_admin_credential(replicas: tuple[Proc, Proc]) ->
             response = http.get("/admin/tenants")
             assert response.status_code == status, response.text
             assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+
+# --- limits set through the admin API -----------------------------------------------------------------------
+
+
+def test_a_keys_own_rate_limit_and_budget_hold_through_the_sdk(admin_gateway: Proc) -> None:
+    with admin(admin_gateway) as http:
+        tenant = new_tenant(http)
+        limited = new_key(http, tenant, rate_limit={"requests_per_minute": 2})
+        broke = new_key(http, tenant, budget={"usd_per_day": 0.000001})  # $0.000001: not even one request
+        free = new_key(http, tenant)
+    with sdk(admin_gateway, limited["key"]) as client:
+        for remaining in ("1", "0"):
+            raw = client.chat.completions.with_raw_response.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "ping"}]
+            )
+            assert raw.headers["x-ratelimit-limit-requests"] == "2"
+            assert raw.headers["x-ratelimit-remaining-requests"] == remaining
+        with pytest.raises(openai.RateLimitError) as rate_limited:
+            client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "ping"}])
+    assert rate_limited.value.code == "rate_limit_exceeded"
+    assert f"(API key {limited['id']})" in rate_limited.value.message
+    assert int(rate_limited.value.response.headers["retry-after"]) >= 1
+    with pytest.raises(openai.RateLimitError) as no_budget:
+        ask(admin_gateway, broke["key"])
+    assert no_budget.value.code == "insufficient_quota"
+    assert f"API key {broke['id']}'s daily budget of $0.000001 cannot cover" in no_budget.value.message
+    assert no_budget.value.response.headers["x-should-retry"] == "false"
+    assert ask(admin_gateway, free["key"]) == "Mock reply to: ping"  # the tenant itself has no limits
+
+
+class _Webhook:
+    """A local HTTP server that records the JSON bodies POSTed to it."""
+
+    def __init__(self) -> None:
+        self.received: list[dict[str, Any]] = []
+        received = self.received
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                received.append(json.loads(self.rfile.read(int(self.headers["content-length"]))))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/budget-alerts"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_budgets_alert_calls_the_webhook_once_per_window(admin_gateway: Proc) -> None:
+    hook = _Webhook()
+    try:
+        with admin(admin_gateway) as http_client:
+            probe = new_key(http_client, new_tenant(http_client))
+            with sdk(admin_gateway, probe["key"]) as client:
+                raw = client.chat.completions.with_raw_response.create(
+                    model="gpt-4o-mini", messages=[{"role": "user", "content": "ping"}], max_tokens=16
+                )
+            cost = Decimal(raw.headers["x-gateway-cost-usd"])  # what one such request costs, exactly
+            budget = {"usd_per_day": float(cost * 100), "alert_at": 0.025, "webhook_url": hook.url}  # at 2.5 requests
+            tenant = new_tenant(http_client, overrides={"budget": budget})
+            key = new_key(http_client, tenant)
+        with sdk(admin_gateway, key["key"]) as client:
+            for _ in range(5):
+                client.chat.completions.create(
+                    model="gpt-4o-mini", messages=[{"role": "user", "content": "ping"}], max_tokens=16
+                )
+        deadline = time.monotonic() + 5.0  # settlement, then the webhook, run after the answers
+        while not hook.received and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.3)  # a second alert, if there were one, would have arrived by now
+        (alert,) = hook.received
+        assert alert["type"] == "budget.alert"
+        assert alert["who"] == f"tenant {tenant}"
+        assert alert["window"] == time.strftime("%Y-%m-%d", time.gmtime())
+        assert Decimal(alert["spent_usd"].lstrip("$")) == cost * 3  # the settlement that crossed 2.5 requests
+    finally:
+        hook.close()
+    metrics = httpx.get(f"{admin_gateway.url}/metrics", timeout=5.0, trust_env=False).text
+    assert f'gateway_budget_alerts_total{{tenant="{tenant}"}} 1.0' in metrics
