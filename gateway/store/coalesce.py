@@ -17,10 +17,51 @@ import asyncio
 import copy
 from collections.abc import Callable, Sequence
 
-from gateway.store.limits import Admission, AdmitCall, LimitCall, Settlement
+from gateway.store.limits import (
+    Admission,
+    AdmitCall,
+    Hold,
+    LimitCall,
+    LimitCheck,
+    RateCheck,
+    SettleCall,
+    Settlement,
+    check_admit,
+    check_settle,
+    hold_ms,
+    new_hold_id,
+    now_ms,
+)
 
 Outcome = Admission | Settlement
 Batch = list[tuple[LimitCall, "asyncio.Future[Outcome]"]]
+
+
+class CoalescedLimits:
+    """`Store.admit` and `Store.settle` of every backend: the arguments are checked at call time (a bad one
+    raises for that call only), then the call goes to the backend's `_limit_call`, which runs it at once
+    (memory) or queues it in a `Coalescer` (SQLite, Redis)."""
+
+    async def _limit_call(self, call: LimitCall) -> Outcome:
+        raise NotImplementedError
+
+    async def admit(
+        self, checks: Sequence[LimitCheck], *, hold_s: float = 660.0, now: float | None = None
+    ) -> Admission:
+        check_admit(checks, hold_s)
+        outcome = await self._limit_call(AdmitCall(checks, now_ms(now), new_hold_id(), hold_ms(hold_s)))
+        assert isinstance(outcome, Admission)
+        return outcome
+
+    async def settle(
+        self, hold: Hold | None, spend: int, corrections: Sequence[RateCheck] = (), *, now: float | None = None
+    ) -> Settlement:
+        check_settle(hold, spend, corrections)
+        if hold is None and not corrections:
+            return Settlement((), ())
+        outcome = await self._limit_call(SettleCall(hold, spend, corrections, now_ms(now)))
+        assert isinstance(outcome, Settlement)
+        return outcome
 
 
 class Coalescer:

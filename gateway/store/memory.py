@@ -11,26 +11,14 @@ import time
 from collections.abc import Callable, Sequence
 
 from gateway.store.base import WRITER_TTL_S, CountBatch, StoreError, check_ttl
-from gateway.store.limits import (
-    Admission,
-    Hold,
-    LimitCheck,
-    RateCheck,
-    Settlement,
-    admit_on,
-    check_admit,
-    check_settle,
-    hold_ms,
-    new_hold_id,
-    now_ms,
-    settle_on,
-)
+from gateway.store.coalesce import CoalescedLimits
+from gateway.store.limits import Admission, AdmitCall, LimitCall, Settlement, admit_on, settle_on
 from gateway.store.limits_memory import MemoryLimits
 
 _PURGE_EVERY_S = 60.0
 
 
-class MemoryStore:
+class MemoryStore(CoalescedLimits):
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.url = "memory://"
         self._clock = clock
@@ -117,19 +105,12 @@ class MemoryStore:
     async def read_counts(self, keys: Sequence[str]) -> dict[str, dict[str, int]]:
         return {key: dict(self._counts[key]) for key in keys if self._counts.get(key)}
 
-    async def admit(
-        self, checks: Sequence[LimitCheck], *, hold_s: float = 660.0, now: float | None = None
-    ) -> Admission:
-        check_admit(checks, hold_s)
-        at = now_ms(now)
-        self._limits.purge(at)
-        return admit_on(self._limits, checks, at, new_hold_id(), hold_ms(hold_s))
-
-    async def settle(
-        self, hold: Hold | None, spend: int, corrections: Sequence[RateCheck] = (), *, now: float | None = None
-    ) -> Settlement:
-        check_settle(hold, spend, corrections)
-        return settle_on(self._limits, hold, spend, corrections, now_ms(now))
+    async def _limit_call(self, call: LimitCall) -> Admission | Settlement:
+        # No batch to wait for: no await between reading and writing makes each call atomic here.
+        if isinstance(call, AdmitCall):
+            self._limits.purge(call.now)
+            return admit_on(self._limits, call.checks, call.now, call.hold_id, call.hold_ms)
+        return settle_on(self._limits, call.hold, call.spend, call.corrections, call.now)
 
     async def publish(self, channel: str, message: bytes) -> None:
         for subscription in self._subscribers.get(channel, ()):

@@ -30,21 +30,8 @@ from redis.asyncio.client import PubSub
 from redis.exceptions import NoScriptError, RedisError
 
 from gateway.store.base import WRITER_TTL_S, CountBatch, StoreError, check_ttl, redact_url
-from gateway.store.coalesce import Batch, Coalescer, fail
-from gateway.store.limits import (
-    Admission,
-    AdmitCall,
-    Hold,
-    LimitCheck,
-    RateCheck,
-    SettleCall,
-    Settlement,
-    check_admit,
-    check_settle,
-    hold_ms,
-    new_hold_id,
-    now_ms,
-)
+from gateway.store.coalesce import Batch, CoalescedLimits, Coalescer, fail
+from gateway.store.limits import Admission, LimitCall, Settlement
 from gateway.store.limits_redis import BATCH_SCRIPT, ScriptFailed, batch_call, outcome
 
 _INCR = """
@@ -80,7 +67,7 @@ def _ms(ttl_s: float) -> int:
     return max(1, round(ttl_s * 1000))
 
 
-class RedisStore:
+class RedisStore(CoalescedLimits):
     def __init__(self, url: str, prefix: str = "gw:") -> None:
         self.url = redact_url(url)
         self._password = urlsplit(url).password
@@ -175,23 +162,8 @@ class RedisStore:
             if fields
         }
 
-    async def admit(
-        self, checks: Sequence[LimitCheck], *, hold_s: float = 660.0, now: float | None = None
-    ) -> Admission:
-        check_admit(checks, hold_s)
-        outcome = await self._limits.submit(AdmitCall(checks, now_ms(now), new_hold_id(), hold_ms(hold_s)))
-        assert isinstance(outcome, Admission)
-        return outcome
-
-    async def settle(
-        self, hold: Hold | None, spend: int, corrections: Sequence[RateCheck] = (), *, now: float | None = None
-    ) -> Settlement:
-        check_settle(hold, spend, corrections)
-        if hold is None and not corrections:
-            return Settlement((), ())
-        outcome = await self._limits.submit(SettleCall(hold, spend, corrections, now_ms(now)))
-        assert isinstance(outcome, Settlement)
-        return outcome
+    async def _limit_call(self, call: LimitCall) -> Admission | Settlement:
+        return await self._limits.submit(call)
 
     def _send_limits(self, batch: Batch) -> None:
         task = asyncio.get_running_loop().create_task(self._run_limits(batch))

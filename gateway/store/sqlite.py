@@ -57,20 +57,8 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar, cast
 
 from gateway.store.base import CountBatch, StoreError, check_ttl
-from gateway.store.limits import (
-    Admission,
-    AdmitCall,
-    Hold,
-    LimitCheck,
-    RateCheck,
-    SettleCall,
-    Settlement,
-    check_admit,
-    check_settle,
-    hold_ms,
-    new_hold_id,
-    now_ms,
-)
+from gateway.store.coalesce import CoalescedLimits
+from gateway.store.limits import Admission, LimitCall, Settlement
 from gateway.store.sqlite_session import Params, Session
 
 T = TypeVar("T")
@@ -118,7 +106,7 @@ def _prefix_end(prefix: str) -> str | None:
     return stripped[:-1] + chr(0xE000 if 0xD800 <= following <= 0xDFFF else following)
 
 
-class SQLiteStore:
+class SQLiteStore(CoalescedLimits):
     def __init__(
         self,
         path: str,
@@ -215,25 +203,7 @@ class SQLiteStore:
 
         return await self._in_worker(read)
 
-    async def admit(
-        self, checks: Sequence[LimitCheck], *, hold_s: float = 660.0, now: float | None = None
-    ) -> Admission:
-        check_admit(checks, hold_s)
-        outcome = await self._limit_call(AdmitCall(checks, now_ms(now), new_hold_id(), hold_ms(hold_s)))
-        assert isinstance(outcome, Admission)
-        return outcome
-
-    async def settle(
-        self, hold: Hold | None, spend: int, corrections: Sequence[RateCheck] = (), *, now: float | None = None
-    ) -> Settlement:
-        check_settle(hold, spend, corrections)
-        if hold is None and not corrections:
-            return Settlement((), ())
-        outcome = await self._limit_call(SettleCall(hold, spend, corrections, now_ms(now)))
-        assert isinstance(outcome, Settlement)
-        return outcome
-
-    async def _limit_call(self, call: AdmitCall | SettleCall) -> Admission | Settlement:
+    async def _limit_call(self, call: LimitCall) -> Admission | Settlement:
         session = self._current()
         if session.conn is None:
             await session.open()  # the batch runs on the loop connection: it must be open before we queue
