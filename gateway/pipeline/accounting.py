@@ -19,11 +19,10 @@ from gateway.cost.ledger import Ledger, UsageRecord, usd_text
 from gateway.cost.prices import PriceBook
 from gateway.errors import InvalidRequest
 from gateway.identity.keys import now_utc
-from gateway.metrics import CostChildren, Metrics
+from gateway.metrics import Metrics
 
 logger = logging.getLogger("gateway.accounting")
 
-_MAX_CACHED_SERIES = 10_000  # (tenant, model) pairs whose counter children are kept at hand
 DURABLE_WAIT_S = 2.0  # longest a response waits for its ledger write before it goes out anyway
 
 
@@ -44,9 +43,6 @@ class Account:
         self._reject_unpriced = reject_unpriced
         self._durable = durable
         self._clock = clock
-        # Counter children per (tenant, model), when the cost counters have no key or user label.
-        self._children: dict[tuple[str, str], CostChildren] = {}
-        self._per_caller = metrics.per_caller
 
     async def __call__(self, request: ProxyRequest, call_next: Handler) -> ProxyResponse:
         if self._reject_unpriced and not self._prices.is_priced(request.model, self._clock().date()):
@@ -106,17 +102,8 @@ class Account:
         return committed if self._durable else None
 
     def _count(self, principal: Principal, user: str | None, model: str, usage: Any, cost_nano: int | None) -> None:
-        children: CostChildren | None
-        if self._per_caller:  # metrics.labels: the metrics bound the users and cache the children
-            children = self._metrics.cost_children(principal.tenant, model, principal.key_id, user)
-        else:
-            children = self._children.get((principal.tenant, model))
-            if children is None:
-                if len(self._children) >= _MAX_CACHED_SERIES:
-                    self._children.clear()
-                children = self._children[(principal.tenant, model)] = self._metrics.cost_children(
-                    principal.tenant, model
-                )
+        # The metrics keep the children per label set (and bound the users when `user` is a label).
+        children = self._metrics.cost_children(principal.tenant, model, principal.key_id, user)
         prompt, cached, completion, reasoning, cost, unpriced = children
         prompt.inc(usage.prompt_tokens)
         cached.inc(usage.cached_tokens)
