@@ -59,6 +59,7 @@ class Grant:
     tokens: int = 0  # the estimate the token buckets were charged
     token_checks: tuple[RateCheck, ...] = ()
     budgets: Mapping[str, Budget] = field(default_factory=dict)  # by counter key
+    held_output: int | None = None  # the fewest output tokens (per choice) a budget's hold covers; None: no budget
 
 
 class _Plan:
@@ -158,7 +159,8 @@ class Limiter:
                 rates += rate_limits(who, key, None, tpm, tokens)
         windows: list[Budget] = []
         costs: dict[int, int] = {}
-        for template, output in plan.windows(moment, max_tokens, self._grace_s):
+        held = plan.windows(moment, max_tokens, self._grace_s)
+        for template, output in held:
             amount = costs.get(output)
             if amount is None:
                 amount = costs[output] = max(0, worst_case_nano(output))
@@ -185,7 +187,8 @@ class Limiter:
             raise error
         token_checks = tuple(rate.check for rate in rates if rate.dimension == TOKENS)
         by_key = {window.check.key: window for window in windows} if windows else {}
-        return Grant(headers, admission.hold, max(0, tokens), token_checks, by_key)
+        held_output = min((output for _, output in held), default=None)
+        return Grant(headers, admission.hold, max(0, tokens), token_checks, by_key, held_output)
 
     def in_background(self, settlement: Coroutine[Any, Any, None]) -> None:
         """Run a settlement off the request path; `drain` waits for every one still running."""

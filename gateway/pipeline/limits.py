@@ -13,7 +13,6 @@ import asyncio
 import logging
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any
 
 from gateway.context import Handler, Principal, ProxyRequest, ProxyResponse
 from gateway.cost.prices import PriceBook
@@ -22,6 +21,7 @@ from gateway.errors import BudgetExceeded, RateLimited
 from gateway.identity.keys import now_utc
 from gateway.limits import BudgetAlert, Grant, Limiter
 from gateway.metrics import Metrics
+from gateway.pipeline.parse import choices, output_limit
 from gateway.quietlog import QuietWarning
 
 logger = logging.getLogger("gateway.limits")
@@ -34,26 +34,6 @@ _COUNT_IN_THREAD_BYTES = 16_384
 def has_limits(principal: Principal) -> bool:
     policy = principal.policy
     return policy.rate_limit is not None or policy.budget is not None or principal.key_policy is not None
-
-
-def _output_cap(body: dict[str, Any]) -> int | None:
-    for name in ("max_completion_tokens", "max_tokens"):
-        value = body.get(name)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
-    return None
-
-
-def _reserved_output(principal: Principal) -> int | None:
-    """The fewest output tokens any of the caller's budgets holds when a request sets no limit."""
-    found = [
-        policy.budget.reserve_max_tokens
-        for policy in (principal.policy, principal.key_policy)
-        if policy is not None
-        and policy.budget is not None
-        and (policy.budget.usd_per_day is not None or policy.budget.usd_per_month is not None)
-    ]
-    return min(found, default=None)
 
 
 class EnforceLimits:
@@ -83,19 +63,19 @@ class EnforceLimits:
             prompt = await asyncio.to_thread(count_prompt, body, request.model)
         else:
             prompt = count_prompt(body, request.model)
-        cap = _output_cap(body)
-        n = body.get("n")
-        choices: int = n if isinstance(n, int) and not isinstance(n, bool) and n > 1 else 1
+        limit = output_limit(body)
+        cap = None if limit is None else limit[1]
+        n = choices(body)
         price = self._prices.price_for(request.model, self._clock().date())
 
         def worst_case_nano(output_tokens: int) -> int:
             if price is None:
                 return 0  # an unpriced model reserves nothing; accounting counts it unpriced
-            return price.cost_nano(prompt, 0, output_tokens * choices) or 0
+            return price.cost_nano(prompt, 0, output_tokens * n) or 0
 
         try:
             grant = await self._limiter.admit(
-                principal, tokens=prompt + (cap or 0) * choices, worst_case_nano=worst_case_nano, max_tokens=cap
+                principal, tokens=prompt + (cap or 0) * n, worst_case_nano=worst_case_nano, max_tokens=cap
             )
         except BudgetExceeded:
             self._metrics.budget_rejections.labels(principal.tenant).inc()
@@ -103,9 +83,8 @@ class EnforceLimits:
         except RateLimited:
             self._metrics.rate_limited.labels(principal.tenant).inc()
             raise
-        reserve = _reserved_output(principal)
-        if reserve is not None and (cap is None or cap > reserve):
-            request.output_cap = reserve * choices
+        if grant.held_output is not None and (cap is None or cap > grant.held_output):
+            request.output_cap = grant.held_output * n
         try:
             response = await call_next(request)
         except BaseException:

@@ -5,6 +5,8 @@ Everything else passes through untouched: the upstream validates what it underst
 
 from __future__ import annotations
 
+from typing import Any
+
 from gateway.context import Handler, ProxyRequest, ProxyResponse
 from gateway.errors import InvalidRequest
 from gateway.jsonbody import expect, parse_object
@@ -31,3 +33,18 @@ class ParseBody:
         principal_user = request.principal.user if request.principal is not None else None
         request.user = user or request.headers.get("x-gateway-user") or principal_user
         return await call_next(request)
+
+
+def output_limit(body: dict[str, Any]) -> tuple[str, int] | None:
+    """The client's own cap on output tokens, `max_completion_tokens` first, as (field, value); None if unset."""
+    for name in ("max_completion_tokens", "max_tokens"):
+        value = body.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return name, value
+    return None
+
+
+def choices(body: dict[str, Any]) -> int:
+    """How many answers the request asks for (`n`; 1 when absent or not a count above 1)."""
+    n = body.get("n")
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 1 else 1

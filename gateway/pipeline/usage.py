@@ -29,6 +29,7 @@ from gateway.context import Handler, ProxyRequest, ProxyResponse, Usage, aclose
 from gateway.cost.tokens import count_input, count_prompt, count_tokens
 from gateway.cost.usage import StreamMeter, completion_text, usage_in_body
 from gateway.errors import BudgetExceeded
+from gateway.pipeline.parse import choices, output_limit
 
 logger = logging.getLogger("gateway.usage")
 
@@ -83,18 +84,14 @@ def _ask_for_usage(request: ProxyRequest) -> bool:
 
 def _cap_event(request: ProxyRequest, cap: int) -> bytes:
     """The error event that ends a stream at its cap: why, and what to do (never the prompt's text)."""
-    body = request.body
-    n = body.get("n")
-    choices = n if isinstance(n, int) and not isinstance(n, bool) and n > 1 else 1
-    per_choice = max(1, cap // choices)
-    total = f"{cap} completion tokens" + (f" ({choices} choices together)" if choices > 1 else "")
-    asked = next(
-        (
-            f"its {name} ({value}) is more than that"
-            for name in ("max_completion_tokens", "max_tokens")
-            if isinstance(value := body.get(name), int) and not isinstance(value, bool) and value > 0
-        ),
-        "it sets neither max_tokens nor max_completion_tokens",
+    n = choices(request.body)
+    per_choice = max(1, cap // n)
+    total = f"{cap} completion tokens" + (f" ({n} choices together)" if n > 1 else "")
+    limit = output_limit(request.body)
+    asked = (
+        "it sets neither max_tokens nor max_completion_tokens"
+        if limit is None
+        else f"its {limit[0]} ({limit[1]}) is more than that"
     )
     message = (
         f"The answer was stopped at its limit of {total}, all that this request's budget hold covers "
