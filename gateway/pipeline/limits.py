@@ -3,8 +3,10 @@
 Before: the request's worst-case cost (prompt tokens plus `max_completion_tokens` or `max_tokens`,
 else the budget's `reserve_max_tokens`) is reserved and its tokens charged, atomically for every
 limit of the tenant and of the key (the stricter applies). After: the reservation is settled to the
-real cost and tokens that the accounting stage (inside this one) put on the response. A request
-that failed settles at zero; one whose client vanished is settled by a background task.
+real cost and tokens that the accounting stage (inside this one) put on the response, in a background
+task once the answer is out (the hold covers the request until then); a request that failed settles
+at zero. A stream whose client set no output limit within the hold is marked with the tokens held
+(`request.output_cap`), for the usage stage to stop it there.
 """
 
 from __future__ import annotations
