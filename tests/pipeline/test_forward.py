@@ -351,8 +351,9 @@ async def test_a_mid_stream_read_timeout_ends_with_a_timeout_event(upstreams: Ca
 
 
 async def test_a_stream_past_the_deadline_ends_with_a_timeout_event(upstreams: Callable[..., Upstreams]) -> None:
-    u = upstreams(primary={"timeout_s": 0.05})
-    u.script("primary", _stream(b"data: 1\n\n", b"data: 2\n\n", b"data: 3\n\n", delays={1: 0.1}))
+    # A deadline with room for the first events on a loaded machine, and a stall well past it.
+    u = upstreams(primary={"timeout_s": 0.5})
+    u.script("primary", _stream(b"data: 1\n\n", b"data: 2\n\n", b"data: 3\n\n", delays={1: 1.0}))
     response = await u.forward(_request({"model": "gpt-4o", "messages": MESSAGES, "stream": True}))
     events = Decoder().feed(b"".join(await _collect(response)))
     assert [event.data for event in events[:-1]] == [b"1", b"2"]

@@ -464,20 +464,20 @@ async def test_through_the_app_max_tokens_above_the_reserve_is_cut_at_the_reserv
 
 
 @pytest.mark.parametrize(
-    "chunk",
+    ("chunk", "text"),
     [
-        {"choices": [{"index": 0, "delta": {"content": "hi"}}]},
-        {"choices": [{"index": 0, "delta": {"role": "assistant", "content": "", "refusal": None}}]},
-        {"choices": [{"delta": {"content": "a"}}, {"delta": {"content": "b", "reasoning_content": "r"}}]},
-        {"choices": [{"delta": {"tool_calls": [{"index": 0, "function": {"name": "f", "arguments": '{"x'}}]}}]},
-        {"choices": [{"delta": {"function_call": {"arguments": "1}"}, "content": None}}]},
-        {"choices": [{"delta": {"refusal": "no", "reasoning": "why"}}, "junk", {"delta": "junk"}]},
-        {"choices": []},
-        {"choices": "junk"},
-        {"usage": {"prompt_tokens": 1}},
-        ["not", "an", "object"],
-        None,
+        ({"choices": [{"index": 0, "delta": {"content": "hi"}}]}, "hi"),
+        ({"choices": [{"index": 0, "delta": {"role": "assistant", "content": "", "refusal": None}}]}, ""),
+        ({"choices": [{"delta": {"content": "a"}}, {"delta": {"content": "b", "reasoning_content": "r"}}]}, "abr"),
+        ({"choices": [{"delta": {"tool_calls": [{"function": {"name": "f", "arguments": '{"x'}}]}}]}, 'f{"x'),
+        ({"choices": [{"delta": {"function_call": {"arguments": "1}"}, "content": None}}]}, "1}"),
+        ({"choices": [{"delta": {"refusal": "no", "reasoning": "why"}}, "junk", {"delta": "junk"}]}, "nowhy"),
+        ({"choices": []}, ""),
+        ({"choices": "junk"}, ""),
+        ({"usage": {"prompt_tokens": 1}}, ""),
+        (["not", "an", "object"], ""),
+        (None, ""),
     ],
 )
-def test_the_fast_delta_reader_reads_what_completion_text_reads(chunk: Any) -> None:
-    assert usage_module._delta_text(chunk) == "".join(usage_module.completion_text(chunk, "delta"))
+def test_the_delta_reader_finds_every_generated_text(chunk: Any, text: str) -> None:
+    assert "".join(usage_module.completion_text(chunk, "delta")) == text
