@@ -9,7 +9,7 @@ client gets the bytes OpenAI sends without it: the `"usage":null` of every chunk
 Given a `cap` (the completion tokens a budget hold covers, `ProxyRequest.output_cap`), the meter also
 counts the tokens of every delta as it passes, and ends the stream before the first event that would
 take the count past the cap: that event and the rest of the upstream's stream are dropped, the
-upstream is closed, and the client gets `cap_event` (an SSE error event) instead.
+upstream is closed, and the client gets `cap_event()` (an SSE error event) instead.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import orjson
@@ -158,7 +158,7 @@ class StreamMeter:
         *,
         cap: int | None = None,
         model: str = "",
-        cap_event: bytes = b"",
+        cap_event: Callable[[], bytes] = bytes,
     ) -> None:
         self.usage: Usage | None = None
         self._strip = strip
@@ -221,7 +221,7 @@ class StreamMeter:
             await aclose(chunks)
         except Exception:
             logger.warning("closing the upstream of a stream cut at its cap failed", exc_info=True)
-        return self._usage_seen(head) + self._cap_event
+        return self._usage_seen(head) + self._cap_event()  # built only for the streams that are cut
 
     def _tokens(self, raw: bytes) -> int:
         """The generated tokens in one event: its deltas' text, counted with the model's tokenizer."""

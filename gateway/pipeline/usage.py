@@ -21,6 +21,7 @@ are outside it and find `response.usage` set, for streams in their own `on_close
 from __future__ import annotations
 
 import logging
+from functools import partial
 from typing import Any
 
 import orjson
@@ -44,8 +45,8 @@ class MeasureUsage:
         if response.stream is not None:
             upstream = response.stream
             cap = request.output_cap if 200 <= response.status < 300 else None
-            event = b"" if cap is None else _cap_event(request, cap)
-            meter = StreamMeter(strip=not asked, cap=cap, model=model, cap_event=event)
+            cap_event = bytes if cap is None else partial(_cap_event, request, cap)  # built only if it is cut
+            meter = StreamMeter(strip=not asked, cap=cap, model=model, cap_event=cap_event)
             response.stream = meter.filter(upstream)
 
             async def finish() -> None:

@@ -360,7 +360,7 @@ async def test_a_plain_answer_is_unchanged_by_a_cap() -> None:
 
 
 async def test_the_meter_alone_counts_and_cuts() -> None:
-    meter = StreamMeter(strip=False, cap=3, model=MODEL, cap_event=b"data: {}\n\n")
+    meter = StreamMeter(strip=False, cap=3, model=MODEL, cap_event=lambda: b"data: {}\n\n")
     out = [c async for c in meter.filter(Upstream(text_stream(with_usage=False))._stream())]
     assert out[-1] == b"data: {}\n\n"
     assert meter.cut
